@@ -1,0 +1,136 @@
+"""The ``tandem`` command line.
+
+Subcommands import what they need lazily, so ``tandem validate`` works with
+the core install alone (no router, operator or engine extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from tandem import __version__
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings, so ConfigMaps and scripts stay readable."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from tandem.operator import validation
+
+    problems = validation.validate_files([Path(p) for p in args.files])
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"{len(args.files)} file(s) valid")
+    return EXIT_OK
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from tandem.operator import planning, validation
+
+    try:
+        pools = validation.load_pools(Path(args.file))
+    except validation.InvalidPoolError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as exc:
+        print(f"{args.file}: cannot read: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    settings = planning.PlanSettings(router_image=args.router_image)
+    objects = [obj for pool in pools for obj in planning.plan(pool, settings)]
+    sys.stdout.write(yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, width=100))
+    return EXIT_OK
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from tandem.operator import crd
+
+    out_dir = Path(args.output_dir)
+    target = out_dir / crd.CRD_FILENAME
+    wanted = crd.render_yaml()
+    if args.check:
+        current = target.read_text(encoding="utf-8") if target.exists() else ""
+        if current != wanted:
+            print(f"{target} is out of date: run `tandem crd`", file=sys.stderr)
+            return EXIT_INVALID
+        print(f"{target} is up to date")
+        return EXIT_OK
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(crd.write(out_dir))
+    return EXIT_OK
+
+
+def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand implemented by another module's ``main(argv)``."""
+
+    def run(args: argparse.Namespace) -> int:
+        main: Callable[[list[str]], int] = importlib.import_module(module).main
+        return main(list(args.rest))
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tandem",
+        description="Disaggregated prefill/decode LLM serving on Kubernetes.",
+    )
+    parser.add_argument("--version", action="version", version=f"tandem {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check InferencePool manifests offline")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("render", help="print every object the operator creates for a pool")
+    p.add_argument("file", metavar="FILE")
+    from tandem.operator.planning import DEFAULT_ROUTER_IMAGE
+
+    p.add_argument("--router-image", default=DEFAULT_ROUTER_IMAGE, help="router image")
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("crd", help="regenerate the CRD YAML from the API models")
+    p.add_argument("--output-dir", default="crds", help="where to write (default: crds)")
+    p.add_argument("--check", action="store_true", help="fail if the file is out of date")
+    p.set_defaults(func=_cmd_crd)
+
+    for name, module, text in _DELEGATED:
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
+    return parser
+
+
+_DELEGATED: list[tuple[str, str, str]] = []
+"""(subcommand, module with ``main(argv)``, help) for commands with their own parsers."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
