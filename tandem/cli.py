@@ -122,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_DELEGATED: list[tuple[str, str, str]] = []
+_DELEGATED: list[tuple[str, str, str]] = [
+    ("up", "tandem.local", "run a pool on this machine: router, prefill and decode workers"),
+    ("router", "tandem.router.cli", "run the gateway router"),
+    ("operator", "tandem.operator.cli", "run the operator (kopf)"),
+    ("emulate", "tandem.workers.emulator.cli", "run the engine emulator (speaks vLLM's API)"),
+]
 """(subcommand, module with ``main(argv)``, help) for commands with their own parsers."""
 
 
