@@ -64,20 +64,31 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
-    from tandem.operator import crd
+    from tandem.operator import crd, reference
 
-    out_dir = Path(args.output_dir)
-    target = out_dir / crd.CRD_FILENAME
-    wanted = crd.render_yaml()
+    wanted = {Path(args.output_dir) / crd.CRD_FILENAME: crd.render_yaml()}
+    for extra in (Path("helm/tandem/crds") / crd.CRD_FILENAME,):
+        if extra.parent.is_dir():
+            wanted[extra] = wanted[Path(args.output_dir) / crd.CRD_FILENAME]
+    readme = Path(args.readme)
+    if readme.exists():
+        wanted[readme] = reference.splice(readme.read_text(encoding="utf-8"))
+    stale = [
+        path
+        for path, text in wanted.items()
+        if not path.exists() or path.read_text(encoding="utf-8") != text
+    ]
     if args.check:
-        current = target.read_text(encoding="utf-8") if target.exists() else ""
-        if current != wanted:
-            print(f"{target} is out of date: run `tandem crd`", file=sys.stderr)
+        for path in stale:
+            print(f"{path} is out of date: run `tandem crd`", file=sys.stderr)
+        if stale:
             return EXIT_INVALID
-        print(f"{target} is up to date")
+        print("generated files are up to date")
         return EXIT_OK
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(crd.write(out_dir))
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(wanted[path], encoding="utf-8")
+        print(path)
     return EXIT_OK
 
 
@@ -110,9 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-image", default=DEFAULT_ROUTER_IMAGE, help="router image")
     p.set_defaults(func=_cmd_render)
 
-    p = sub.add_parser("crd", help="regenerate the CRD YAML from the API models")
+    p = sub.add_parser(
+        "crd", help="regenerate the CRD YAML (crds/, the chart) and the README reference"
+    )
     p.add_argument("--output-dir", default="crds", help="where to write (default: crds)")
-    p.add_argument("--check", action="store_true", help="fail if the file is out of date")
+    p.add_argument("--readme", default="README.md", help="README to update the reference in")
+    p.add_argument("--check", action="store_true", help="fail if a generated file is out of date")
     p.set_defaults(func=_cmd_crd)
 
     for name, module, text in _DELEGATED:
