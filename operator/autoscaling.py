@@ -1,0 +1,729 @@
+"""The autoscaling planner: numbers in, a decision per role out.
+
+``decide(spec, inputs, state, now) -> Plan`` is pure: no I/O, no clock of its own,
+no logging. The operator feeds it from Prometheus (:mod:`.metrics_source`) on a
+timer and writes ``Plan.prefill`` / ``Plan.decode`` to the worker Deployments and
+to status; the replay simulator (:mod:`.replay`) feeds it simulated metrics on
+virtual time; the tests feed it literals. The planner's memory is
+:class:`PlannerState`, a frozen value it returns with every plan and gets back on
+the next tick.
+
+How a role's size is chosen, per tick:
+
+1. **Signals → pressure.** Each signal becomes a ratio of observed to target
+   (1.0 = exactly on target), measured on the *warm* workers only (ready and
+   past ``warmup``): prefill follows TTFT, its queue and (once known) its prompt
+   token throughput against a per-worker capacity; decode follows TPOT, KV-cache
+   usage and its queue. ``policy: queue`` keeps only the queue ratios.
+2. **Pressure → recommendation.** A ratio above ``1 + tolerance`` recommends
+   ``ceil(warm * ratio)`` workers (the HPA's proportional rule). Otherwise the
+   smallest pool whose *projected* ratios (``ratio * warm / n``) all stay below
+   ``scale_down_ratio`` is recommended: latency is not proportional to load, so
+   the band between ``scale_down_ratio`` and ``1 + tolerance`` is the hysteresis
+   that keeps a pool from flapping. Pods not ready yet count as capacity on its
+   way: a recommendation only scales up past ``replicas``, which includes them.
+3. **Recommendations → decision** (as the HPA's behavior field): scale up to the
+   *lowest* recommendation of the last ``scale_up_stabilization`` (pressure must
+   have lasted the whole window), then not again before the same time has passed
+   (cooldown); scale down to the *highest* recommendation of the last
+   ``scale_down_stabilization``. Steps are capped by ``max_scale_*_step`` and the
+   result by ``replicas.min``/``max``.
+4. **GPU budget.** When both roles together want more GPUs than
+   ``gpu_budget``, the spare GPUs go one worker at a time to the role under the
+   most pressure.
+
+Missing metrics never shrink a pool: the role holds its replicas and the
+decision says why (``metrics_available=False``). ``policy: external`` decides
+nothing (``replicas is None``: HPA or KEDA own the Deployments), ``policy: off``
+holds ``replicas.min``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from . import api
+
+__all__ = [
+    "Action",
+    "Inputs",
+    "Limit",
+    "MetricsUnavailable",
+    "Plan",
+    "PlannerSpec",
+    "PlannerState",
+    "Policy",
+    "Pressure",
+    "Role",
+    "RoleBounds",
+    "RoleDecision",
+    "RoleInputs",
+    "RoleMetrics",
+    "RoleState",
+    "decide",
+    "pressures",
+    "run",
+]
+
+Role = Literal["prefill", "decode"]
+Policy = api.AutoscalingPolicy
+Action = Literal["scale-up", "scale-down", "hold", "none"]
+"""``none``: the planner does not own replicas (``policy: external``)."""
+Limit = Literal["max", "min", "step", "gpu-budget"]
+Signal = Literal["ttft", "tpot", "queue", "kv", "load"]
+
+_EPSILON = 1e-9
+
+
+# ---------------------------------------------------------------------------
+# Spec
+
+
+@dataclass(frozen=True)
+class RoleBounds:
+    """Replica bounds of one role."""
+
+    min: int = 1
+    """Fewest workers."""
+    max: int = 1
+    """Most workers."""
+    tensor_parallel_size: int = 1
+    """GPUs per worker, for the GPU budget."""
+
+    def clamp(self, replicas: int) -> int:
+        return max(self.min, min(self.max, replicas))
+
+
+@dataclass(frozen=True)
+class PlannerSpec:
+    """What the planner aims for: the pool's SLOs, bounds and autoscaling settings
+    (all durations in seconds), plus tunables the CRD does not expose."""
+
+    policy: Policy = "slo"
+    """``slo``, ``queue``, ``external`` or ``off`` (see the module docstring)."""
+    ttft: float = 1.0
+    """TTFT objective, seconds."""
+    tpot: float = 0.1
+    """TPOT objective, seconds."""
+    percentile: float = 90
+    """The percentile both objectives are measured at."""
+    prefill: RoleBounds = field(default_factory=RoleBounds)
+    """Bounds of the prefill pool."""
+    decode: RoleBounds = field(default_factory=RoleBounds)
+    """Bounds of the decode pool."""
+    aggregated: bool = False
+    """No prefill pool: decode workers prefill too, so decode also follows TTFT."""
+    interval: float = 15.0
+    """Seconds between ticks; used only to tolerate jitter in window coverage."""
+    scale_up_stabilization: float = 30.0
+    """Pressure must last this long before a scale-up; also the cooldown after one."""
+    scale_down_stabilization: float = 300.0
+    """Slack must last this long before a scale-down (highest recommendation wins)."""
+    max_scale_up_step: int = 2
+    """Most workers added by one decision."""
+    max_scale_down_step: int = 1
+    """Most workers removed by one decision."""
+    target_queue_per_replica: float = 4.0
+    """Waiting requests per warm worker that count as full pressure (ratio 1)."""
+    settle: float = 60.0
+    """After a scale-down, no further scale-down for this long, so that the
+    signals (measured over a window) reflect the smaller pool first."""
+    gpu_budget: int | None = None
+    """Most GPUs both pools may hold together (``tensor_parallel_size`` each)."""
+    tolerance: float = 0.1
+    """A ratio must exceed ``1 + tolerance`` to recommend a scale-up (the HPA's 10%)."""
+    kv_target: float = 0.8
+    """KV-cache usage of a decode worker that counts as full (ratio 1): past it,
+    vLLM starts queueing and preempting."""
+    scale_down_ratio: float = 0.7
+    """A smaller pool is recommended only if every ratio, projected onto it, stays
+    below this: the hysteresis band under ``1 + tolerance``."""
+    prefill_utilization: float = 0.75
+    """Fraction of a prefill worker's capacity (prompt tokens/s) the pool is sized for."""
+    prefill_capacity: float | None = None
+    """Prompt tokens/s one prefill worker sustains, if known (profiled). When None
+    the planner learns it from windows in which the prefill queue was saturated."""
+
+    def bounds(self, role: Role) -> RoleBounds:
+        return self.prefill if role == "prefill" else self.decode
+
+    @property
+    def percentile_label(self) -> str:
+        return f"p{self.percentile:g}"
+
+    @classmethod
+    def from_api(cls, spec: api.InferencePoolSpec, **tunables: float | None) -> PlannerSpec:
+        """The planner's view of an InferencePool spec; ``tunables`` override the
+        fields the CRD does not carry (``tolerance``, ``kv_target``, ...)."""
+        a = spec.autoscaling
+
+        def bounds(role: api.RoleSpec) -> RoleBounds:
+            r = role.replicas
+            return RoleBounds(r.min, r.max, role.tensor_parallel_size)
+
+        base = cls(
+            policy=a.policy,
+            ttft=api.parse_duration(spec.slo.ttft),
+            tpot=api.parse_duration(spec.slo.tpot),
+            percentile=spec.slo.percentile,
+            prefill=bounds(spec.prefill),
+            decode=bounds(spec.decode),
+            aggregated=spec.mode == "aggregated",
+            interval=api.parse_duration(a.interval),
+            scale_up_stabilization=api.parse_duration(a.scale_up_stabilization),
+            scale_down_stabilization=api.parse_duration(a.scale_down_stabilization),
+            max_scale_up_step=a.max_scale_up_step,
+            max_scale_down_step=a.max_scale_down_step,
+            target_queue_per_replica=a.target_queue_per_replica,
+            settle=api.parse_duration(a.window),
+            gpu_budget=a.gpu_budget,
+        )
+        return replace(base, **tunables)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class RoleMetrics:
+    """One role's signals over the window, from warm workers only (ready and
+    older than ``warmup``); ``None`` where there was nothing to measure (no
+    request finished in the window), which is not the same as unavailable."""
+
+    queue_depth: float = 0.0
+    """Requests waiting for this role (engine queues, plus the router's for it)."""
+    ttft: float | None = None
+    """TTFT at the SLO percentile, seconds."""
+    tpot: float | None = None
+    """TPOT (inter-token latency) at the SLO percentile, seconds."""
+    kv_usage: float | None = None
+    """Mean KV-cache usage of the warm workers, 0 to 1."""
+    request_rate: float | None = None
+    """Requests/s the role finished."""
+    prompt_token_rate: float | None = None
+    """Prompt tokens/s the role prefilled (prefill's proportional load)."""
+
+
+@dataclass(frozen=True)
+class MetricsUnavailable:
+    """The signals could not be read; the role holds its size."""
+
+    reason: str
+    """Why, e.g. "Prometheus unreachable: connection refused"."""
+
+
+@dataclass(frozen=True)
+class RoleInputs:
+    """What the planner knows about one role at a tick."""
+
+    replicas: int
+    """Workers currently wanted (the Deployment's ``spec.replicas``)."""
+    ready: int
+    """Workers ready to serve."""
+    metrics: RoleMetrics | MetricsUnavailable
+    warming: int = 0
+    """Ready workers younger than ``warmup``: capacity, but not a source of signals."""
+
+    @property
+    def pending(self) -> int:
+        """Workers wanted but not ready: capacity on its way."""
+        return max(0, self.replicas - self.ready)
+
+    @property
+    def warm(self) -> int:
+        """Workers the signals come from."""
+        return max(0, self.ready - self.warming)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A tick's inputs: one per role (``prefill`` is None in aggregated mode)."""
+
+    decode: RoleInputs
+    prefill: RoleInputs | None = None
+
+
+# ---------------------------------------------------------------------------
+# State
+
+
+@dataclass(frozen=True)
+class RoleState:
+    """The planner's memory of one role."""
+
+    history: tuple[tuple[float, int], ...] = ()
+    """``(time, recommended replicas)`` of recent ticks, oldest first."""
+    since: float | None = None
+    """Time of the first tick of the unbroken history (for window coverage)."""
+    last_scale_up: float | None = None
+    last_scale_down: float | None = None
+    capacity: float | None = None
+    """Learned prompt tokens/s a prefill worker sustains (prefill only)."""
+
+
+@dataclass(frozen=True)
+class PlannerState:
+    """Everything the planner remembers between ticks."""
+
+    prefill: RoleState = field(default_factory=RoleState)
+    decode: RoleState = field(default_factory=RoleState)
+
+    def role(self, role: Role) -> RoleState:
+        return self.prefill if role == "prefill" else self.decode
+
+
+# ---------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """One signal against its target."""
+
+    signal: Signal
+    observed: float
+    target: float
+    ratio: float
+    """``observed / target`` on the warm workers: 1.0 is on target."""
+    text: str
+    """Human-readable, e.g. "TTFT p90 820ms"; the target is added by :meth:`describe`."""
+
+    def describe(self) -> str:
+        if self.signal in ("ttft", "tpot"):
+            rel = ">" if self.ratio > 1 else "<="
+            return f"{self.text} {rel} {api.format_duration(self.target)}"
+        if self.signal == "kv":
+            rel = ">" if self.ratio > 1 else "<="
+            return f"{self.text} {rel} {self.target:.0%}"
+        return f"{self.text} (target {self.target:.3g})"
+
+
+@dataclass(frozen=True)
+class RoleDecision:
+    """What to do with one role."""
+
+    role: Role
+    current: int
+    """``replicas`` in the inputs."""
+    replicas: int | None
+    """The replicas to write; None: do not write (``policy: external``)."""
+    action: Action
+    reason: str
+    """Why, self-contained, e.g. "prefill 2→3: TTFT p90 820ms > 500ms"."""
+    recommendation: int | None = None
+    """This tick's raw recommendation, before stabilization and limits."""
+    pressure: float | None = None
+    """The highest signal ratio (1.0 = on target); None without metrics."""
+    limited_by: Limit | None = None
+    """What kept the decision below (or above) the recommendation."""
+    metrics_available: bool = True
+
+    @property
+    def changed(self) -> bool:
+        return self.replicas is not None and self.replicas != self.current
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A tick's decisions and the state to pass to the next tick."""
+
+    decode: RoleDecision
+    prefill: RoleDecision | None
+    state: PlannerState
+
+    @property
+    def decisions(self) -> tuple[RoleDecision, ...]:
+        return tuple(d for d in (self.prefill, self.decode) if d is not None)
+
+    @property
+    def limited(self) -> bool:
+        """Whether a bound, a step or the budget held a role back (ScalingLimited)."""
+        return any(d.limited_by is not None for d in self.decisions)
+
+
+# ---------------------------------------------------------------------------
+# Signals → pressure
+
+
+def _ms(seconds: float) -> str:
+    return api.format_duration(seconds)
+
+
+def pressures(
+    spec: PlannerSpec, role: Role, inputs: RoleInputs, state: RoleState
+) -> tuple[Pressure, ...]:
+    """Every signal of ``role`` as a ratio to its target (see the module docstring)."""
+    m = inputs.metrics
+    if isinstance(m, MetricsUnavailable):
+        return ()
+    warm = max(1, inputs.warm)
+    pct = spec.percentile_label
+    out: list[Pressure] = []
+    queue_target = spec.target_queue_per_replica * warm
+    out.append(
+        Pressure(
+            "queue",
+            m.queue_depth,
+            queue_target,
+            m.queue_depth / queue_target,
+            f"queue {m.queue_depth:.3g}",
+        )
+    )
+    if spec.policy == "queue":
+        return tuple(out)
+    follows_ttft = role == "prefill" or spec.aggregated
+    if follows_ttft and m.ttft is not None:
+        out.append(
+            Pressure("ttft", m.ttft, spec.ttft, m.ttft / spec.ttft, f"TTFT {pct} {_ms(m.ttft)}")
+        )
+    if role == "decode":
+        if m.tpot is not None:
+            out.append(
+                Pressure("tpot", m.tpot, spec.tpot, m.tpot / spec.tpot, f"TPOT {pct} {_ms(m.tpot)}")
+            )
+        if m.kv_usage is not None:
+            out.append(
+                Pressure(
+                    "kv",
+                    m.kv_usage,
+                    spec.kv_target,
+                    m.kv_usage / spec.kv_target,
+                    f"KV usage {m.kv_usage:.0%}",
+                )
+            )
+    if role == "prefill" and m.prompt_token_rate is not None:
+        capacity = spec.prefill_capacity or state.capacity
+        if capacity:
+            target = capacity * spec.prefill_utilization * warm
+            out.append(
+                Pressure(
+                    "load",
+                    m.prompt_token_rate,
+                    target,
+                    m.prompt_token_rate / target,
+                    f"prompt load {m.prompt_token_rate:.0f} tok/s",
+                )
+            )
+    return tuple(out)
+
+
+def _learn_capacity(spec: PlannerSpec, inputs: RoleInputs, state: RoleState) -> float | None:
+    """Prompt tokens/s per worker, learned from saturated windows (a queue past
+    its target means the workers ran flat out), and raised whenever a worker is
+    seen doing more without saturating."""
+    m = inputs.metrics
+    if (
+        spec.prefill_capacity is not None
+        or isinstance(m, MetricsUnavailable)
+        or m.prompt_token_rate is None
+        or inputs.warm < 1
+        or m.prompt_token_rate <= 0
+    ):
+        return state.capacity
+    per_worker = m.prompt_token_rate / inputs.warm
+    saturated = m.queue_depth >= spec.target_queue_per_replica * inputs.warm
+    if saturated:
+        return per_worker if state.capacity is None else 0.5 * (state.capacity + per_worker)
+    if state.capacity is not None and per_worker > state.capacity:
+        return per_worker
+    return state.capacity
+
+
+# ---------------------------------------------------------------------------
+# Pressure → recommendation
+
+
+@dataclass(frozen=True)
+class _Recommendation:
+    replicas: int
+    """Within the bounds."""
+    wanted: int
+    """Before the bounds."""
+    top: Pressure | None
+    """The signal that decided."""
+
+
+def _recommend(
+    spec: PlannerSpec, inputs: RoleInputs, signals: Sequence[Pressure], bounds: RoleBounds
+) -> _Recommendation:
+    """The pool size this tick's signals ask for (see the module docstring)."""
+    current, warm = inputs.replicas, inputs.warm
+    if not signals:
+        return _Recommendation(current, current, None)
+    top = max(signals, key=lambda p: p.ratio)
+    if top.ratio > 1 + spec.tolerance:
+        wanted = math.ceil(max(warm, 1) * top.ratio - _EPSILON)
+        # Under pressure never recommend fewer than there are (some may be on the way).
+        return _Recommendation(bounds.clamp(max(wanted, current)), wanted, top)
+    if inputs.pending or inputs.warming:
+        wanted = current  # part of the pool is not measured yet: no scale-down
+    else:
+        # The smallest pool on which every ratio, scaled by warm/n, stays in the band.
+        wanted = min(
+            current, max(1, math.ceil(warm * top.ratio / spec.scale_down_ratio - _EPSILON))
+        )
+    return _Recommendation(bounds.clamp(wanted), wanted, top)
+
+
+# ---------------------------------------------------------------------------
+# Recommendation → decision
+
+
+def _window(history: Sequence[tuple[float, int]], now: float, seconds: float) -> list[int]:
+    return [n for t, n in history if t >= now - seconds - _EPSILON]
+
+
+def _lasted(
+    history: Sequence[tuple[float, int]], now: float, holds: Callable[[int], bool]
+) -> float:
+    """How long the recommendations have satisfied ``holds`` without a break."""
+    start = now
+    for t, n in reversed(history):
+        if not holds(n):
+            break
+        start = t
+    return now - start
+
+
+def _verdict(role: Role, current: int, to: int | None) -> tuple[Action, str]:
+    if to is None:
+        return "none", role
+    if to > current:
+        return "scale-up", f"{role} {current}→{to}"
+    if to < current:
+        return "scale-down", f"{role} {current}→{to}"
+    return "hold", f"{role} holds at {current}"
+
+
+def _decision(
+    role: Role,
+    current: int,
+    to: int | None,
+    why: str,
+    rec: _Recommendation | None = None,
+    limit: Limit | None = None,
+    available: bool = True,
+) -> RoleDecision:
+    action, head = _verdict(role, current, to)
+    return RoleDecision(
+        role=role,
+        current=current,
+        replicas=to,
+        action=action,
+        reason=f"{head}: {why}",
+        recommendation=rec.replicas if rec else None,
+        pressure=rec.top.ratio if rec and rec.top else None,
+        limited_by=limit,
+        metrics_available=available,
+    )
+
+
+def _decide_role(
+    spec: PlannerSpec, role: Role, inputs: RoleInputs, state: RoleState, now: float
+) -> tuple[RoleDecision, RoleState]:
+    bounds = spec.bounds(role)
+    current = inputs.replicas
+
+    if spec.policy == "external":
+        why = "policy external: replicas are owned by HPA/KEDA, not Tandem"
+        return _decision(role, current, None, why), state
+    if spec.policy == "off":
+        return _decision(
+            role, current, bounds.min, "autoscaling off: holding replicas.min"
+        ), RoleState()
+    # Out of bounds (the spec changed): back inside at once, whatever the signals.
+    if current < bounds.min:
+        return _decision(
+            role, current, bounds.min, f"below replicas.min {bounds.min}", limit="min"
+        ), state
+    if current > bounds.max:
+        return _decision(
+            role, current, bounds.max, f"above replicas.max {bounds.max}", limit="max"
+        ), state
+
+    m = inputs.metrics
+    if isinstance(m, MetricsUnavailable):
+        # Never shrink blind; and pressure or slack must be seen again in full.
+        why = f"metrics unavailable ({m.reason}); keeping the current size"
+        return _decision(role, current, current, why, available=False), replace(
+            state, history=(), since=None
+        )
+
+    if role == "prefill":
+        state = replace(state, capacity=_learn_capacity(spec, inputs, state))
+    signals = pressures(spec, role, inputs, state)
+
+    # Scale from zero: no worker to measure, but requests are waiting for one.
+    if current == 0:
+        if m.queue_depth > 0:
+            to = max(1, bounds.min)
+            why = f"{m.queue_depth:.3g} request(s) waiting and no worker"
+            return _decision(role, current, to, why), replace(state, last_scale_up=now)
+        return _decision(role, current, current, "no worker and nothing waiting"), state
+
+    rec = _recommend(spec, inputs, signals, bounds)
+    since = state.since if state.since is not None else now
+    horizon = max(spec.scale_up_stabilization, spec.scale_down_stabilization) + spec.interval
+    history = (*((t, n) for t, n in state.history if t >= now - horizon), (now, rec.replicas))
+    state = replace(state, history=history, since=since)
+    slack = spec.interval / 2
+
+    def covered(seconds: float) -> bool:
+        return since <= now - seconds + slack + _EPSILON
+
+    if inputs.warm == 0:
+        why = f"{inputs.warming} warming up, {inputs.pending} starting: no signal from a warm worker yet"
+        return _decision(role, current, current, why, rec), state
+    why = rec.top.describe() if rec.top is not None else "no signal in the window"
+    up, down = spec.scale_up_stabilization, spec.scale_down_stabilization
+
+    # Scale up: to the lowest recommendation of the window, once pressure lasted it.
+    if rec.replicas > current:
+        up_to = min(_window(history, now, up))
+        if up_to <= current or not covered(up):
+            lasted = _lasted(history, now, lambda n: n > current)
+            return _decision(
+                role, current, current, f"{why} for {_ms(lasted)} of {_ms(up)}", rec
+            ), state
+        if state.last_scale_up is not None and now - state.last_scale_up < up - _EPSILON:
+            why = f"{why}; cooling down for {_ms(up)} after the last scale-up"
+            return _decision(role, current, current, why, rec), state
+        to = min(up_to, current + spec.max_scale_up_step)
+        limit: Limit | None = "step" if to < up_to else None
+        if rec.wanted > bounds.max and to == bounds.max:
+            limit = "max"
+        return _decision(role, current, to, why, rec, limit), replace(state, last_scale_up=now)
+    if rec.top is not None and rec.top.ratio > 1 + spec.tolerance:
+        # More is wanted, but the bound or the workers on their way already cover it.
+        if rec.wanted > bounds.max and current >= bounds.max:
+            return _decision(role, current, current, f"{why}; at replicas.max", rec, "max"), state
+        coming = inputs.pending + inputs.warming
+        return _decision(
+            role, current, current, f"{why}; {coming} worker(s) on the way", rec
+        ), state
+
+    # Scale down: to the highest recommendation of the window.
+    if rec.replicas < current:
+        down_to = max(_window(history, now, down))
+        if down_to >= current or not covered(down):
+            lasted = _lasted(history, now, lambda n: n < current)
+            why = f"{why}; room to spare for {_ms(lasted)} of {_ms(down)}"
+            return _decision(role, current, current, why, rec), state
+        if (
+            state.last_scale_down is not None
+            and now - state.last_scale_down < spec.settle - _EPSILON
+        ):
+            return _decision(
+                role, current, current, f"{why}; settling after a scale-down", rec
+            ), state
+        to = max(down_to, current - spec.max_scale_down_step)
+        why = f"{why}, room to spare for {_ms(down)}"
+        return _decision(role, current, to, why, rec, "step" if to > down_to else None), replace(
+            state, last_scale_down=now
+        )
+    if inputs.pending or inputs.warming:
+        return _decision(role, current, current, f"{why}; waiting for starting workers", rec), state
+    return _decision(role, current, current, f"{why}: on target", rec), state
+
+
+# ---------------------------------------------------------------------------
+# GPU budget
+
+
+def _share_budget(
+    spec: PlannerSpec, decisions: dict[Role, RoleDecision]
+) -> dict[Role, RoleDecision]:
+    """Fit both roles into ``gpu_budget``: scale-downs and holds first, then the
+    spare GPUs one worker at a time to the role whose pressure, spread over the
+    workers it would have, is highest."""
+    budget = spec.gpu_budget
+    owned = {r: d for r, d in decisions.items() if d.replicas is not None}
+    if budget is None or not owned:
+        return decisions
+    tp = {r: spec.bounds(r).tensor_parallel_size for r in owned}
+    target = {r: d.replicas for r, d in owned.items() if d.replicas is not None}
+    base = {r: min(target[r], owned[r].current) for r in owned}
+    # A budget lowered under what runs: shed from the role under least pressure.
+    for _ in range(sum(base.values()) + 1):
+        if sum(base[r] * tp[r] for r in base) <= budget:
+            break
+        shrinkable = [r for r in base if base[r] > spec.bounds(r).min]
+        if not shrinkable:
+            break
+        victim = min(shrinkable, key=lambda r: (owned[r].pressure or 0.0) / base[r])
+        base[victim] -= 1
+    granted = dict(base)
+    spare = budget - sum(granted[r] * tp[r] for r in granted)
+    for _ in range(sum(target.values()) + 1):
+        wanting = [r for r in granted if granted[r] < target[r] and tp[r] <= spare]
+        if not wanting:
+            break
+        pick = max(
+            wanting,
+            key=lambda r: (
+                (owned[r].pressure or 0.0) * max(base[r], 1) / max(granted[r], 1),
+                r == "decode",
+            ),
+        )
+        granted[pick] += 1
+        spare -= tp[pick]
+    out = dict(decisions)
+    for r, d in owned.items():
+        if granted[r] == target[r]:
+            continue
+        gpus = sum(granted[x] * tp[x] for x in granted)
+        note = f"GPU budget {budget}: wanted {target[r]}, got {granted[r]} ({gpus} GPUs in use)"
+        action, head = _verdict(r, d.current, granted[r])
+        body = d.reason.split(": ", 1)[1] if ": " in d.reason else d.reason
+        out[r] = replace(
+            d,
+            replicas=granted[r],
+            action=action,
+            reason=f"{head}: {body}; {note}",
+            limited_by="gpu-budget",
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The tick
+
+
+def decide(spec: PlannerSpec, inputs: Inputs, state: PlannerState, now: float) -> Plan:
+    """One tick of the planner: a decision per role and the state for the next tick."""
+    roles: dict[Role, RoleInputs] = {"decode": inputs.decode}
+    if inputs.prefill is not None and not spec.aggregated:
+        roles["prefill"] = inputs.prefill
+    decisions: dict[Role, RoleDecision] = {}
+    states: dict[Role, RoleState] = {"prefill": state.prefill, "decode": state.decode}
+    for role, role_inputs in roles.items():
+        decisions[role], states[role] = _decide_role(spec, role, role_inputs, states[role], now)
+    decisions = _share_budget(spec, decisions)
+    # A scale-up the budget refused did not happen: no cooldown for it.
+    for role, d in decisions.items():
+        if d.limited_by == "gpu-budget" and d.replicas is not None and d.replicas <= d.current:
+            states[role] = replace(states[role], last_scale_up=state.role(role).last_scale_up)
+    return Plan(
+        decode=decisions["decode"],
+        prefill=decisions.get("prefill"),
+        state=PlannerState(prefill=states["prefill"], decode=states["decode"]),
+    )
+
+
+def run(
+    spec: PlannerSpec,
+    ticks: Iterable[tuple[float, Inputs]],
+    state: PlannerState | None = None,
+) -> list[Plan]:
+    """Feed ``(now, inputs)`` ticks in order, threading the state; every plan."""
+    plans: list[Plan] = []
+    current = state or PlannerState()
+    for now, inputs in ticks:
+        plan = decide(spec, inputs, current, now)
+        plans.append(plan)
+        current = plan.state
+    return plans

@@ -1,0 +1,337 @@
+"""The planner core, table-driven: each case is inputs held for a while, and the decision.
+
+``hold(seconds, ...)`` feeds the same inputs every ``interval`` from t=0 to
+t=seconds and returns the last plan; ``follow(...)`` also applies each decision
+(workers ready at once), for cases about what happens after a scale.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+
+from tandem.operator import api
+from tandem.operator import autoscaling as a
+
+SPEC = a.PlannerSpec(
+    ttft=0.5,
+    tpot=0.05,
+    prefill=a.RoleBounds(1, 8),
+    decode=a.RoleBounds(1, 16),
+    interval=15,
+    scale_up_stabilization=30,
+    scale_down_stabilization=300,
+)
+
+
+def role(
+    replicas: int = 2, ready: int | None = None, warming: int = 0, **metrics: Any
+) -> a.RoleInputs:
+    ready = replicas if ready is None else ready
+    m: a.RoleMetrics | a.MetricsUnavailable
+    m = (
+        a.MetricsUnavailable(metrics["unavailable"])
+        if "unavailable" in metrics
+        else a.RoleMetrics(**metrics)
+    )
+    return a.RoleInputs(replicas=replicas, ready=ready, warming=warming, metrics=m)
+
+
+IDLE_P = role(2, ttft=0.2)
+IDLE_D = role(2, tpot=0.02, kv_usage=0.3)
+
+
+def hold(
+    seconds: float,
+    prefill: a.RoleInputs | None = IDLE_P,
+    decode: a.RoleInputs = IDLE_D,
+    spec: a.PlannerSpec = SPEC,
+    state: a.PlannerState | None = None,
+) -> a.Plan:
+    ticks = int(seconds // spec.interval) + 1
+    inputs = a.Inputs(decode=decode, prefill=prefill)
+    return a.run(spec, ((i * spec.interval, inputs) for i in range(ticks)), state)[-1]
+
+
+def pre(plan: a.Plan) -> a.RoleDecision:
+    """The prefill decision of a plan that has one."""
+    assert plan.prefill is not None
+    return plan.prefill
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    seconds: float
+    prefill: a.RoleInputs | None = IDLE_P
+    decode: a.RoleInputs = IDLE_D
+    spec: dict[str, Any] = field(default_factory=dict)
+    expect_prefill: int | None = 2
+    expect_decode: int | None = 2
+    reason: str = ""
+    """A substring of the prefill reason, or of the decode one after "decode:"."""
+
+
+CASES = [
+    # -- prefill follows TTFT and its queue
+    Case("ttft-breach-scales-up", 30, prefill=role(2, ttft=0.7), expect_prefill=3,
+         reason="prefill 2→3: TTFT p90 700ms > 500ms"),
+    Case("ttft-breach-proportional", 30, prefill=role(2, ttft=0.82), expect_prefill=4,
+         reason="prefill 2→4: TTFT p90 820ms > 500ms"),
+    Case("ttft-breach-not-yet-lasted", 15, prefill=role(2, ttft=0.7), expect_prefill=2,
+         reason="prefill holds at 2: TTFT p90 700ms > 500ms for 15s of 30s"),
+    Case("ttft-within-tolerance", 60, prefill=role(2, ttft=0.54), expect_prefill=2,
+         reason="on target"),
+    Case("prefill-queue-scales-up", 30, prefill=role(2, ttft=0.3, queue_depth=12),
+         expect_prefill=3, reason="queue 12 (target 8)"),
+    Case("prefill-step-limit", 30, prefill=role(2, queue_depth=40), expect_prefill=4,
+         reason="prefill 2→4"),
+    Case("prefill-up-to-max", 30, prefill=role(7, queue_depth=200), expect_prefill=8,
+         reason="prefill 7→8"),
+    Case("prefill-at-max", 60, prefill=role(8, ttft=2.0), expect_prefill=8,
+         reason="at replicas.max"),
+    Case("prefill-ignores-tpot", 60, prefill=role(2, ttft=0.2, tpot=0.5), expect_prefill=2),
+    # -- decode follows TPOT, KV usage and its queue
+    Case("tpot-breach-scales-decode", 30, decode=role(2, tpot=0.08, kv_usage=0.3),
+         expect_decode=4, reason="decode: decode 2→4: TPOT p90 80ms > 50ms"),
+    Case("kv-pressure-scales-decode", 30, decode=role(4, tpot=0.02, kv_usage=0.95),
+         expect_decode=5, reason="decode: decode 4→5: KV usage 95% > 80%"),
+    Case("kv-within-tolerance", 60, decode=role(4, tpot=0.02, kv_usage=0.86),
+         expect_decode=4, reason="decode: decode holds at 4: KV usage 86% > 80%: on target"),
+    Case("decode-ignores-ttft", 60, decode=role(2, ttft=5.0, tpot=0.02, kv_usage=0.3),
+         expect_decode=2),
+    Case("decode-queue", 30, decode=role(2, tpot=0.02, kv_usage=0.5, queue_depth=10),
+         expect_decode=3, reason="decode: decode 2→3: queue 10"),
+    # -- scale-down: slack must last the window, highest recommendation, one step
+    Case("decode-slack-not-yet", 285, decode=role(6, tpot=0.01, kv_usage=0.1), expect_decode=6,
+         reason="decode: decode holds at 6: TPOT p90 10ms <= 50ms; room to spare for 4.75m of 5m"),
+    Case("decode-slack-scales-down", 300, decode=role(6, tpot=0.01, kv_usage=0.1), expect_decode=5,
+         reason="decode: decode 6→5: TPOT p90 10ms <= 50ms, room to spare for 5m"),
+    Case("decode-down-projected", 300, decode=role(4, tpot=0.01, kv_usage=0.5), expect_decode=4,
+         reason="decode: decode holds at 4: KV usage 50% <= 80%: on target"),
+    Case("prefill-slack-scales-down", 300, prefill=role(4, ttft=0.1), expect_prefill=3),
+    Case("prefill-down-respects-min", 600, prefill=role(1, ttft=0.01), expect_prefill=1),
+    Case("down-step-from-spec", 300, decode=role(8, tpot=0.005, kv_usage=0.05),
+         spec={"max_scale_down_step": 3}, expect_decode=5),
+    # -- pending and warming workers
+    Case("pending-counts-as-capacity", 60, prefill=role(4, ready=2, ttft=0.8), expect_prefill=4,
+         reason="2 worker(s) on the way"),
+    Case("pending-short-of-need", 30, prefill=role(3, ready=2, ttft=1.0), expect_prefill=4,
+         reason="prefill 3→4"),
+    Case("warming-samples-ignored", 60, prefill=role(2, warming=2, ttft=3.0), expect_prefill=2,
+         reason="2 warming up, 0 starting: no signal from a warm worker yet"),
+    Case("no-scale-down-while-starting", 600, decode=role(4, ready=3, tpot=0.01, kv_usage=0.05),
+         expect_decode=4, reason="decode: waiting for starting workers"),
+    # -- metrics unavailable: hold, never collapse to min
+    Case("unavailable-holds", 900, prefill=role(6, unavailable="Prometheus unreachable"),
+         expect_prefill=6,
+         reason="prefill holds at 6: metrics unavailable (Prometheus unreachable); keeping"),
+    Case("unavailable-decode-holds", 900, decode=role(9, unavailable="no series"), expect_decode=9),
+    Case("no-requests-no-signal", 600, prefill=role(3), expect_prefill=2,
+         reason="queue 0 (target 12)"),
+    # -- policies
+    Case("policy-off-holds-min", 0, prefill=role(5, ttft=9.0), decode=role(5, tpot=1.0),
+         spec={"policy": "off"}, expect_prefill=1, expect_decode=1,
+         reason="autoscaling off: holding replicas.min"),
+    Case("policy-external-never-decides", 600, prefill=role(5, ttft=9.0), spec={"policy": "external"},
+         expect_prefill=None, expect_decode=None, reason="policy external"),
+    Case("policy-queue-ignores-ttft", 60, prefill=role(2, ttft=9.0, queue_depth=4),
+         spec={"policy": "queue"}, expect_prefill=2),
+    Case("policy-queue-follows-queue", 30, prefill=role(2, ttft=0.1, queue_depth=16),
+         spec={"policy": "queue"}, expect_prefill=4),
+    Case("policy-queue-ignores-kv", 60, decode=role(2, kv_usage=0.99), spec={"policy": "queue"},
+         expect_decode=2),
+    # -- bounds changed under the pool
+    Case("below-min-at-once", 0, prefill=role(1, ttft=0.1), spec={"prefill": a.RoleBounds(3, 8)},
+         expect_prefill=3, reason="below replicas.min 3"),
+    Case("above-max-at-once", 0, decode=role(12), spec={"decode": a.RoleBounds(1, 10)},
+         expect_decode=10, reason="decode: decode 12→10: above replicas.max 10"),
+    # -- scale from zero (prefill min 0)
+    Case("zero-stays-zero", 60, prefill=role(0), spec={"prefill": a.RoleBounds(0, 4)},
+         expect_prefill=0),
+    Case("zero-wakes-on-queue", 0, prefill=role(0, queue_depth=3),
+         spec={"prefill": a.RoleBounds(0, 4)}, expect_prefill=1,
+         reason="3 request(s) waiting and no worker"),
+    # -- GPU budget: shared by pressure when both want more than it allows
+    Case("budget-goes-to-pressure", 30, prefill=role(2, ttft=1.5), decode=role(2, tpot=0.07, kv_usage=0.5),
+         spec={"gpu_budget": 6}, expect_prefill=4, expect_decode=2,
+         reason="decode: decode holds at 2: TPOT p90 70ms > 50ms; GPU budget 6: wanted 3, got 2"),
+    Case("budget-split", 30, prefill=role(2, ttft=1.0), decode=role(2, tpot=0.1, kv_usage=0.5),
+         spec={"gpu_budget": 6}, expect_prefill=3, expect_decode=3),
+    Case("budget-tp2", 30, prefill=role(2, ttft=1.0), decode=role(2, tpot=0.1, kv_usage=0.5),
+         spec={"gpu_budget": 10, "decode": a.RoleBounds(1, 8, tensor_parallel_size=2)},
+         expect_prefill=4, expect_decode=3),
+    Case("budget-enough", 30, prefill=role(2, ttft=0.7), decode=role(2, tpot=0.07, kv_usage=0.5),
+         spec={"gpu_budget": 16}, expect_prefill=3, expect_decode=3),
+    Case("budget-lowered-sheds-least-pressed", 0, prefill=role(4, ttft=0.45), decode=role(4, tpot=0.01, kv_usage=0.2),
+         spec={"gpu_budget": 6}, expect_prefill=4, expect_decode=2),
+    # -- aggregated: no prefill pool, decode follows TTFT too
+    Case("aggregated-decode-follows-ttft", 30, prefill=None,
+         decode=role(2, ttft=1.0, tpot=0.02, kv_usage=0.3), spec={"aggregated": True},
+         expect_prefill=None, expect_decode=4),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_decision(case: Case) -> None:
+    plan = hold(case.seconds, case.prefill, case.decode, replace(SPEC, **case.spec))
+    got_prefill = plan.prefill.replicas if plan.prefill else None
+    assert (got_prefill, plan.decode.replicas) == (case.expect_prefill, case.expect_decode), plan
+    if case.reason.startswith("decode:"):
+        assert case.reason.removeprefix("decode: ") in plan.decode.reason
+    elif case.reason:
+        assert plan.prefill is not None
+        assert case.reason in plan.prefill.reason
+
+
+# ---------------------------------------------------------------------------
+# Decisions over time (each decision applied, workers ready at once)
+
+
+Phase = tuple[float, dict[str, Any], dict[str, Any]]
+
+
+def follow(
+    spec: a.PlannerSpec,
+    phases: Sequence[Phase],
+    prefill: int = 2,
+    decode: int = 2,
+) -> list[a.Plan]:
+    """``phases``: (seconds, prefill metrics, decode metrics); replicas follow the plans."""
+    plans: list[a.Plan] = []
+    state = a.PlannerState()
+    now = 0.0
+    for seconds, pm, dm in phases:
+        end = now + seconds
+        while now < end:
+            plan = a.decide(
+                spec, a.Inputs(decode=role(decode, **dm), prefill=role(prefill, **pm)), state, now
+            )
+            plans.append(plan)
+            state = plan.state
+            assert plan.prefill is not None
+            assert plan.prefill.replicas is not None
+            assert plan.decode.replicas is not None
+            prefill, decode = plan.prefill.replicas, plan.decode.replicas
+            now += spec.interval
+    return plans
+
+
+def sizes(plans: list[a.Plan], r: a.Role) -> list[int]:
+    picked = [pre(p) if r == "prefill" else p.decode for p in plans]
+    return [d.replicas if d.replicas is not None else -1 for d in picked]
+
+
+def test_cooldown_after_scale_up() -> None:
+    plans = follow(SPEC, [(120, {"ttft": 2.0}, {})])
+    ups = [i * 15 for i, p in enumerate(plans) if p.prefill and p.prefill.action == "scale-up"]
+    assert ups == [30, 60, 90]
+    assert "cooling down for 30s" in pre(plans[3]).reason
+
+
+def test_cooldown_does_not_block_the_other_role() -> None:
+    plans = follow(SPEC, [(30, {"ttft": 2.0}, {}), (45, {"ttft": 2.0}, {"tpot": 0.2})])
+    assert [p.decode.action for p in plans][-1] == "scale-up"
+
+
+def test_intermittent_pressure_never_scales() -> None:
+    phases: list[Phase] = [(15, {"ttft": 0.9}, {}), (15, {"ttft": 0.2}, {})] * 10
+    assert set(sizes(follow(SPEC, phases), "prefill")) == {2}
+
+
+def test_spike_in_window_blocks_scale_down() -> None:
+    spike = {"tpot": 0.01, "kv_usage": 0.6}
+    calm = {"tpot": 0.01, "kv_usage": 0.05}
+    plans = follow(SPEC, [(240, {}, calm), (15, {}, spike), (285, {}, calm)], decode=6)
+    assert sizes(plans, "decode")[-1] == 6
+    assert "room to spare for 4.5m of 5m" in plans[-1].decode.reason
+
+
+def test_settles_between_scale_downs() -> None:
+    plans = follow(SPEC, [(600, {}, {"tpot": 0.01, "kv_usage": 0.02})], decode=8)
+    downs = [i * 15 for i, p in enumerate(plans) if p.decode.action == "scale-down"]
+    assert downs[:3] == [300, 360, 420]
+
+
+def test_no_up_down_up_on_a_noisy_load() -> None:
+    # Load wobbling around the target: the hysteresis band absorbs it.
+    phases: list[Phase] = [
+        (15, {}, {"tpot": 0.02, "kv_usage": kv}) for kv in [0.6, 0.75, 0.5, 0.85, 0.7, 0.55] * 30
+    ]
+    decode = sizes(follow(SPEC, phases, decode=4), "decode")
+    changes = [b - a_ for a_, b in itertools.pairwise(decode) if b != a_]
+    signs = [1 if c > 0 else -1 for c in changes]
+    assert all(x == y for x, y in itertools.pairwise(signs)), decode
+
+
+def test_unavailable_breaks_the_pressure_history() -> None:
+    phases: list[Phase] = [
+        (15, {"ttft": 0.9}, {}),
+        (15, {"unavailable": "down"}, {}),
+        (30, {"ttft": 0.9}, {}),
+    ]
+    plans = follow(SPEC, phases)
+    assert sizes(plans, "prefill") == [2, 2, 2, 2]
+    assert plans[1].prefill is not None
+    assert not plans[1].prefill.metrics_available
+
+
+def test_learns_prefill_capacity_when_saturated_then_sizes_by_load() -> None:
+    saturated = role(2, ttft=2.0, queue_depth=30, prompt_token_rate=40_000)
+    learned = hold(0, prefill=saturated).state
+    assert learned.prefill.capacity == pytest.approx(20_000)
+    # 30k tok/s on 4 workers is a load ratio of 0.5: 3 keep it under the 0.7 band;
+    # TTFT alone (0.2 of the SLO) would have allowed 2.
+    light = role(4, ttft=0.1, prompt_token_rate=30_000)
+    assert pre(hold(300, prefill=light, state=learned)).recommendation == 3
+    assert pre(hold(300, prefill=light)).recommendation == 2
+
+
+def test_profiled_capacity_scales_up_before_ttft_breaks() -> None:
+    spec = replace(SPEC, prefill_capacity=10_000)
+    plan = hold(30, prefill=role(2, ttft=0.2, prompt_token_rate=24_000), spec=spec)
+    assert plan.prefill is not None
+    assert plan.prefill.reason == "prefill 2→4: prompt load 24000 tok/s (target 1.5e+04)"
+
+
+def test_budget_refusal_is_reported_as_limited() -> None:
+    plan = hold(
+        30, prefill=role(3, ttft=2.0), decode=role(3, tpot=0.2), spec=replace(SPEC, gpu_budget=6)
+    )
+    assert plan.limited
+    assert plan.prefill is not None
+    assert plan.prefill.limited_by == "gpu-budget"
+    assert plan.prefill.replicas == 3
+    assert plan.decode.replicas == 3
+
+
+def test_step_limit_is_reported() -> None:
+    plan = hold(30, prefill=role(2, queue_depth=40))
+    assert plan.prefill is not None
+    assert plan.prefill.limited_by == "step"
+
+
+def test_from_api() -> None:
+    spec = api.InferencePoolSpec.model_validate(
+        {"model": {"name": "m"}, "slo": {"ttft": "500ms", "tpot": "50ms", "percentile": 99},
+         "prefill": {"replicas": {"min": 1, "max": 8}, "tensorParallelSize": 2},
+         "autoscaling": {"policy": "queue", "scaleDownStabilization": "2m", "gpuBudget": 32}}
+    )  # fmt: skip
+    planner = a.PlannerSpec.from_api(spec, kv_target=0.9)
+    assert (planner.ttft, planner.tpot, planner.percentile_label) == (0.5, 0.05, "p99")
+    assert planner.prefill == a.RoleBounds(1, 8, 2)
+    assert (planner.policy, planner.scale_down_stabilization, planner.gpu_budget) == (
+        "queue",
+        120,
+        32,
+    )
+    assert (planner.settle, planner.kv_target) == (60, 0.9)
+
+
+def test_pure_same_inputs_same_plan() -> None:
+    first, second = hold(300, prefill=role(3, ttft=0.9)), hold(300, prefill=role(3, ttft=0.9))
+    assert first == second
