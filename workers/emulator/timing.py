@@ -18,6 +18,10 @@ on top of ``context`` tokens already in its KV cache):
   and the KV cache of every sequence in the batch.
 * time: ``max(FLOPs / (peak_flops * mfu), bytes / (memory_bandwidth * mbu))``.
 
+The efficiencies ``mfu``/``mbu`` were checked on a real H100 with
+:mod:`.calibration`; the measurement is kept in ``measurements/`` and a test holds
+the defaults to it.
+
 A long prefill is compute-bound (its time is the first term); a decode step is
 memory-bound (the second). :func:`prefill_time` and :func:`decode_step_time` are the
 two terms on their own; :func:`step_time` is the roofline of a mixed batch, which is
@@ -69,13 +73,13 @@ class GpuSpec:
     """HBM capacity, bytes."""
     mfu: float = 0.5
     """Model FLOPs utilization reached by compute-bound work (prefill): the fraction
-    of ``peak_flops`` that real kernels sustain. 0.5 is typical of vLLM prefill on
-    Hopper at 8B scale (big GEMMs reach ~0.75, attention and the small
-    ops pull the whole model down)."""
-    mbu: float = 0.7
+    of ``peak_flops`` that real kernels sustain. 0.5 is what a Llama 3.1 8B-shaped
+    bf16 prefill of 1k-8k tokens measured on an H100 (``measurements/``)."""
+    mbu: float = 0.65
     """Memory bandwidth utilization reached by memory-bound work (decode): the
-    fraction of ``memory_bandwidth`` a decode step sustains. 0.7 is typical of a
-    CUDA-graphed decode step on Hopper."""
+    fraction of ``memory_bandwidth`` a decode step sustains. 0.65 is the middle of
+    what CUDA-graphed Llama 3.1 8B-shaped decode steps measured on an H100
+    (0.57 for small batches over short contexts to 0.76 for large KV reads)."""
 
     def __post_init__(self) -> None:
         if self.peak_flops <= 0 or self.memory_bandwidth <= 0 or self.memory_bytes <= 0:
