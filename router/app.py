@@ -111,6 +111,7 @@ class RouterApp:
         self._discovery = discovery_
         self._clock = clock
         self._runtime: _Runtime | None = None
+        self._metrics: metrics.RouterMetrics | None = None
 
     # -- lifetime ------------------------------------------------------------
 
@@ -161,6 +162,7 @@ class RouterApp:
             models=payloads.models_body(config.served_model_name, int(time.time())),
         )
         self._runtime = runtime
+        self._metrics = meters
         found = self._discovery or discovery.build(config)
         if isinstance(found, discovery.StaticDiscovery):
             await found.run(self.set_endpoints)  # known before the first request
@@ -220,9 +222,10 @@ class RouterApp:
 
     @property
     def metrics(self) -> metrics.RouterMetrics:
-        if self._runtime is None:
-            raise RuntimeError("the router is not running")
-        return self._runtime.metrics
+        """The metrics of the current (or last) run."""
+        if self._metrics is None:
+            raise RuntimeError("the router has not started")
+        return self._metrics
 
     # -- ASGI ------------------------------------------------------------------
 
