@@ -247,6 +247,7 @@ async def test_metrics_expose_every_family_with_vllm_types_and_labels(
     assert r.headers["content-type"].startswith("text/plain")
     families = _families(r.text)
     assert set(families) == set(metrics.METRIC_NAMES)
+    assert dict(metrics.family_names(r.text)) == dict(metrics.METRIC_TYPES)
     for name, kind in metrics.METRIC_TYPES.items():
         family = families[name]
         assert family.type == kind, name

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from tandem.workers.emulator import scheduling
 
-__all__ = ["CONTENT_TYPE", "METRIC_NAMES", "METRIC_TYPES", "EngineMetrics"]
+__all__ = ["CONTENT_TYPE", "METRIC_NAMES", "METRIC_TYPES", "EngineMetrics", "family_names"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -375,7 +375,9 @@ class EngineMetrics:
 
 
 def family_names(text: str) -> Iterator[tuple[str, str]]:
-    """``(family, type)`` of every family in a Prometheus text exposition."""
+    """``(family, type)`` of every family in a Prometheus text exposition, named as
+    :data:`METRIC_NAMES` names them: compare a real vLLM scrape with
+    ``dict(family_names(scrape))``."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(text):
