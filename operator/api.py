@@ -524,7 +524,13 @@ class InferencePoolStatus(_Model):
     observed_generation: int | None = Field(
         default=None, description="The spec generation last reconciled."
     )
-    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Conditions.",
+        # A map keyed by type: the operator and the autoscaler each server-side apply
+        # their own conditions without taking the other's.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     prefill: RoleStatus = Field(default_factory=RoleStatus, description="The prefill pool.")
     decode: RoleStatus = Field(default_factory=RoleStatus, description="The decode pool.")
     observed: ObservedLatency = Field(

@@ -83,7 +83,9 @@ def structural(node: JsonSchema, defs: dict[str, JsonSchema]) -> JsonSchema:
             required = set(out.get("required", ()))
             for prop_name, prop in out["properties"].items():
                 # An optional sub-object whose fields all have defaults defaults to {}
-                # so the API server fills in the nested defaults.
+                # so the API server fills in the nested defaults. Where the object has
+                # CEL rules, the nested defaults are spelled out: the API server checks
+                # a default against them, and `self.min <= self.max` fails on {}.
                 if (
                     prop_name not in required
                     and prop.get("type") == "object"
@@ -92,7 +94,11 @@ def structural(node: JsonSchema, defs: dict[str, JsonSchema]) -> JsonSchema:
                     and "default" not in prop
                     and not prop.get("nullable")
                 ):
-                    prop["default"] = {}
+                    prop["default"] = {
+                        k: copy.deepcopy(v["default"])
+                        for k, v in prop["properties"].items()
+                        if "default" in v and "x-kubernetes-validations" in prop
+                    }
         if rules:
             out["x-kubernetes-validations"] = out.get("x-kubernetes-validations", []) + rules
         return out
