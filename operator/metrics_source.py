@@ -1,0 +1,269 @@
+"""The planner's inputs, read from Prometheus.
+
+The adapter between :mod:`.autoscaling` (pure) and Prometheus (I/O). For each
+role it runs the PromQL of :func:`queries` (the same table is in
+``operator/AUTOSCALING.md``) with prometheus-api-client, whose client is
+synchronous, so every query runs in a worker thread (``asyncio.to_thread``) and
+the queries of a role run concurrently.
+
+Worker metrics are vLLM's own (``vllm:`` names); a worker's pool and role come
+from the target labels Prometheus attaches to it (``pool`` and ``role`` by
+default: relabel ``tandem.dev/pool`` and ``tandem.dev/role`` pod labels to
+them). Samples from workers whose target is younger than ``warmup`` are left
+out: a target is warm when its ``up`` series already existed ``warmup`` ago.
+
+Anything that cannot be read is reported as
+:class:`~.autoscaling.MetricsUnavailable` with the reason (Prometheus
+unreachable, a query refused, no worker scraped, a required metric absent),
+never as zeros: the planner then holds the pool's size. An empty window (no
+request finished, so no latency quantile) is not an error: the signal is
+``None``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import autoscaling
+
+__all__ = [
+    "QueryError",
+    "Reading",
+    "Source",
+    "SourceSettings",
+    "prometheus_query",
+    "queries",
+    "required_metrics",
+]
+
+logger = logging.getLogger(__name__)
+
+Query = Callable[[str], list[dict[str, Any]]]
+"""A synchronous instant query: PromQL in, Prometheus' ``result`` list out."""
+
+WAITING = "vllm:num_requests_waiting"
+KV_USAGE = "vllm:kv_cache_usage_perc"
+TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
+ITL_BUCKET = "vllm:inter_token_latency_seconds_bucket"
+SUCCESS = "vllm:request_success_total"
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+
+
+class QueryError(Exception):
+    """A query could not be answered (Prometheus unreachable, or it refused it)."""
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Where Prometheus is and how it labels the workers."""
+
+    url: str = "http://127.0.0.1:9090"
+    """Base URL of the Prometheus HTTP API."""
+    timeout: float = 5.0
+    """Seconds each query may take."""
+    pool_label: str = "pool"
+    """Target label naming a worker's InferencePool."""
+    role_label: str = "role"
+    """Target label naming a worker's role (``prefill`` or ``decode``)."""
+    namespace_label: str = "namespace"
+    """Target label naming a worker's namespace; used when a namespace is given."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One role's signals and the targets they came from."""
+
+    metrics: autoscaling.RoleMetrics | autoscaling.MetricsUnavailable
+    targets: int = 0
+    """Targets of the role that are up."""
+    warm: int = 0
+    """Of those, the ones up for longer than ``warmup`` (the only sources of signals)."""
+
+    def inputs(self, replicas: int, ready: int) -> autoscaling.RoleInputs:
+        """The planner's inputs, given what the Deployment says."""
+        warming = max(0, min(ready, self.targets) - self.warm)
+        return autoscaling.RoleInputs(
+            replicas=replicas, ready=ready, warming=warming, metrics=self.metrics
+        )
+
+
+def _selector(settings: SourceSettings, pool: str, role: str, namespace: str | None) -> str:
+    parts = [f'{settings.pool_label}="{pool}"', f'{settings.role_label}="{role}"']
+    if namespace is not None:
+        parts.append(f'{settings.namespace_label}="{namespace}"')
+    return ",".join(parts)
+
+
+def _seconds(value: float) -> str:
+    return f"{max(1, round(value))}s"
+
+
+def _name_pattern(name: str) -> str:
+    """``vllm:x`` as a regex that also matches ``vllm_x``: prometheus_client
+    (0.26) escapes the colon of sample names to ``_`` when the scraper negotiates
+    OpenMetrics, as Prometheus does, so the same vLLM metric reaches Prometheus
+    under either name depending on the client library version."""
+    return name.replace(":", "[:_]", 1)
+
+
+def queries(
+    selector: str, role: autoscaling.Role, percentile: float, window: float, warmup: float
+) -> dict[str, str]:
+    """The PromQL of every signal of a role (``selector``: its label matchers)."""
+    w, age = _seconds(window), _seconds(warmup)
+    warm = f"on(instance) (up{{{selector}}} offset {age})"
+
+    def series(name: str) -> str:
+        return f'{{__name__=~"{_name_pattern(name)}",{selector}}}'
+
+    def gauge(agg: str, name: str) -> str:
+        return f"{agg}({series(name)} and {warm})"
+
+    def quantile(bucket: str) -> str:
+        rate = f"rate({series(bucket)}[{w}]) and {warm}"
+        return f"histogram_quantile({percentile / 100:g}, sum by (le) ({rate}))"
+
+    def rate(name: str) -> str:
+        return f"sum(rate({series(name)}[{w}]) and {warm})"
+
+    out = {
+        "targets": f"count(up{{{selector}}} == 1)",
+        "warm": f"count(up{{{selector}}} == 1 and {warm})",
+        "queue_depth": gauge("sum", WAITING),
+        "request_rate": rate(SUCCESS),
+    }
+    if role == "prefill":
+        out["ttft"] = quantile(TTFT_BUCKET)
+        out["prompt_token_rate"] = rate(PROMPT_TOKENS)
+    else:
+        out["ttft"] = quantile(TTFT_BUCKET)
+        out["tpot"] = quantile(ITL_BUCKET)
+        out["kv_usage"] = gauge("avg", KV_USAGE)
+    for name in required_metrics(role):
+        out[f"present {name}"] = f"count({series(name)})"
+    return out
+
+
+def required_metrics(role: autoscaling.Role) -> tuple[str, ...]:
+    """Metric names whose absence makes a role's signals unavailable."""
+    if role == "prefill":
+        return (WAITING, TTFT_BUCKET)
+    return (WAITING, ITL_BUCKET, KV_USAGE)
+
+
+def prometheus_query(settings: SourceSettings) -> Query:
+    """A :data:`Query` over prometheus-api-client (blocking; run it in a thread)."""
+    from prometheus_api_client.exceptions import PrometheusApiClientException
+    from prometheus_api_client.prometheus_connect import PrometheusConnect
+    from requests import RequestException
+    from urllib3.util.retry import Retry
+
+    # No retries here: the planner ticks again soon, and a dead Prometheus must
+    # be reported quickly, not after a backoff.
+    client = PrometheusConnect(
+        url=settings.url,
+        retry=Retry(total=0),
+        timeout=math.ceil(settings.timeout),
+        disable_ssl=True,
+    )
+
+    def query(promql: str) -> list[dict[str, Any]]:
+        try:
+            result: list[dict[str, Any]] = client.custom_query(promql)
+        except RequestException as exc:
+            raise QueryError(f"Prometheus unreachable at {settings.url}: {_short(exc)}") from exc
+        except PrometheusApiClientException as exc:
+            raise QueryError(f"Prometheus refused a query: {_short(exc)}") from exc
+        return result
+
+    return query
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _scalar(result: list[dict[str, Any]]) -> float | None:
+    """The value of a one-element vector; None when empty or NaN."""
+    if not result:
+        return None
+    value = float(result[0]["value"][1])
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+class Source:
+    """Reads the planner's inputs of a pool from Prometheus."""
+
+    def __init__(self, settings: SourceSettings, query: Query | None = None) -> None:
+        self.settings = settings
+        self._query = query or prometheus_query(settings)
+
+    async def _run(self, promql: Mapping[str, str]) -> dict[str, list[dict[str, Any]]]:
+        keys = list(promql)
+        results = await asyncio.gather(*(asyncio.to_thread(self._query, promql[k]) for k in keys))
+        return dict(zip(keys, results, strict=True))
+
+    async def read(
+        self,
+        spec: autoscaling.PlannerSpec,
+        pool: str,
+        role: autoscaling.Role,
+        *,
+        window: float,
+        warmup: float,
+        namespace: str | None = None,
+    ) -> Reading:
+        """One role's reading; unavailable (with the reason) rather than zeros."""
+        selector = _selector(self.settings, pool, role, namespace)
+        promql = queries(selector, role, spec.percentile, window, warmup)
+        try:
+            raw = await self._run(promql)
+        except QueryError as exc:
+            logger.warning("[%s/%s] %s", pool, role, exc)
+            return Reading(autoscaling.MetricsUnavailable(str(exc)))
+        targets = int(_scalar(raw["targets"]) or 0)
+        warm = int(_scalar(raw["warm"]) or 0)
+        if targets == 0:
+            why = f"no {role} worker is scraped (up{{{selector}}})"
+            return Reading(autoscaling.MetricsUnavailable(why), targets, warm)
+        missing = [n for n in required_metrics(role) if not _scalar(raw[f"present {n}"])]
+        if missing:
+            why = f"{', '.join(missing)} not exposed by the {role} workers"
+            return Reading(autoscaling.MetricsUnavailable(why), targets, warm)
+        queue = _scalar(raw["queue_depth"])
+        metrics = autoscaling.RoleMetrics(
+            queue_depth=queue or 0.0,
+            ttft=_scalar(raw["ttft"]),
+            tpot=_scalar(raw["tpot"]) if "tpot" in raw else None,
+            kv_usage=_scalar(raw["kv_usage"]) if "kv_usage" in raw else None,
+            request_rate=_scalar(raw["request_rate"]),
+            prompt_token_rate=(
+                _scalar(raw["prompt_token_rate"]) if "prompt_token_rate" in raw else None
+            ),
+        )
+        return Reading(metrics, targets, warm)
+
+    async def read_pool(
+        self,
+        spec: autoscaling.PlannerSpec,
+        pool: str,
+        roles: tuple[autoscaling.Role, ...],
+        *,
+        window: float,
+        warmup: float,
+        namespace: str | None = None,
+    ) -> dict[autoscaling.Role, Reading]:
+        """Every role's reading, concurrently."""
+        readings = await asyncio.gather(
+            *(
+                self.read(spec, pool, r, window=window, warmup=warmup, namespace=namespace)
+                for r in roles
+            )
+        )
+        return dict(zip(roles, readings, strict=True))

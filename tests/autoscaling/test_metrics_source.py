@@ -1,0 +1,144 @@
+"""metrics_source without a network: a fake query function stands in for Prometheus.
+
+(The same adapter against a real Prometheus: e2e/prometheus.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tandem.operator import autoscaling, metrics_source
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = autoscaling.PlannerSpec(ttft=0.5, tpot=0.05, decode=autoscaling.RoleBounds(1, 8))
+SELECTOR = 'pool="p",role="decode"'
+
+
+def vector(value: float | str) -> list[dict[str, Any]]:
+    return [{"metric": {}, "value": [0, str(value)]}]
+
+
+def fake(values: dict[str, float | str | None]) -> Callable[[str], list[dict[str, Any]]]:
+    """Answers each query of ``queries()`` by its key; missing or None: empty vector."""
+    by_promql = {}
+    for role in ("prefill", "decode"):
+        sel = f'pool="p",role="{role}"'
+        for key, promql in metrics_source.queries(sel, role, 90, 60, 120).items():
+            by_promql[promql] = key
+
+    def query(promql: str) -> list[dict[str, Any]]:
+        value = values.get(by_promql[promql])
+        return [] if value is None else vector(value)
+
+    return query
+
+
+HEALTHY: dict[str, float | str | None] = {
+    "targets": 3, "warm": 2, "queue_depth": 5, "request_rate": 12.5, "ttft": 0.3, "tpot": 0.02,
+    "kv_usage": 0.4, "present vllm:num_requests_waiting": 3,
+    "present vllm:inter_token_latency_seconds_bucket": 60,
+    "present vllm:kv_cache_usage_perc": 3,
+}  # fmt: skip
+
+
+def read(
+    values: dict[str, float | str | None], role: autoscaling.Role = "decode"
+) -> metrics_source.Reading:
+    source = metrics_source.Source(metrics_source.SourceSettings(), query=fake(values))
+    return asyncio.run(source.read(SPEC, "p", role, window=60, warmup=120))
+
+
+def test_healthy_reading() -> None:
+    reading = read(HEALTHY)
+    assert reading.metrics == autoscaling.RoleMetrics(
+        queue_depth=5, ttft=0.3, tpot=0.02, kv_usage=0.4, request_rate=12.5
+    )
+    assert reading.inputs(replicas=4, ready=3) == autoscaling.RoleInputs(
+        replicas=4, ready=3, warming=1, metrics=reading.metrics
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"targets": None}, 'no decode worker is scraped (up{pool="p",role="decode"})'),
+        ({"targets": 0}, 'no decode worker is scraped (up{pool="p",role="decode"})'),
+        ({"present vllm:kv_cache_usage_perc": None}, "vllm:kv_cache_usage_perc not exposed by the decode workers"),
+        ({"present vllm:num_requests_waiting": None, "present vllm:kv_cache_usage_perc": None},
+         "vllm:num_requests_waiting, vllm:kv_cache_usage_perc not exposed by the decode workers"),
+    ],
+)  # fmt: skip
+def test_unavailable_not_zeros(change: dict[str, float | None], reason: str) -> None:
+    assert read({**HEALTHY, **change}).metrics == autoscaling.MetricsUnavailable(reason)
+
+
+@pytest.mark.parametrize("empty", [None, "NaN", "+Inf"])
+def test_an_empty_window_is_no_signal(empty: str | None) -> None:
+    m = read({**HEALTHY, "ttft": empty, "tpot": empty}).metrics
+    assert isinstance(m, autoscaling.RoleMetrics)
+    assert (m.ttft, m.tpot, m.kv_usage) == (None, None, 0.4)
+
+
+def test_query_error_is_unavailable() -> None:
+    def broken(promql: str) -> list[dict[str, Any]]:
+        raise metrics_source.QueryError("Prometheus unreachable at http://x: refused")
+
+    source = metrics_source.Source(metrics_source.SourceSettings(), query=broken)
+    reading = asyncio.run(source.read(SPEC, "p", "prefill", window=60, warmup=120))
+    assert reading.metrics == autoscaling.MetricsUnavailable(
+        "Prometheus unreachable at http://x: refused"
+    )
+    plan = autoscaling.decide(
+        SPEC, autoscaling.Inputs(decode=reading.inputs(3, 3)), autoscaling.PlannerState(), 0
+    )
+    assert (plan.decode.replicas, plan.decode.metrics_available) == (3, False)
+
+
+def test_closed_port_is_unreachable_quickly() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    query = metrics_source.prometheus_query(
+        metrics_source.SourceSettings(url=f"http://127.0.0.1:{port}", timeout=2)
+    )
+    with pytest.raises(
+        metrics_source.QueryError, match=f"Prometheus unreachable at http://127.0.0.1:{port}"
+    ):
+        query("up")
+
+
+def test_prefill_reads_prompt_tokens() -> None:
+    values = {
+        **HEALTHY,
+        "prompt_token_rate": 9000,
+        "present vllm:time_to_first_token_seconds_bucket": 20,
+    }
+    m = read(values, "prefill").metrics
+    assert isinstance(m, autoscaling.RoleMetrics)
+    assert (m.prompt_token_rate, m.kv_usage, m.tpot) == (9000, None, None)
+
+
+def test_queries_read_warm_workers_only() -> None:
+    q = metrics_source.queries(SELECTOR, "decode", 99, 60, 120)
+    assert q["kv_usage"] == (
+        'avg({__name__=~"vllm[:_]kv_cache_usage_perc",pool="p",role="decode"} '
+        'and on(instance) (up{pool="p",role="decode"} offset 120s))'
+    )
+    assert q["tpot"].startswith("histogram_quantile(0.99, sum by (le) (rate(")
+
+
+def test_the_promql_table_is_current() -> None:
+    doc = (ROOT / "operator" / "AUTOSCALING.md").read_text()
+    for role in ("prefill", "decode"):
+        for key, promql in metrics_source.queries(
+            f'pool="P",role="{role}"', role, 90, 60, 120
+        ).items():
+            assert promql.replace("|", "\\|") in doc, (
+                f"{role} {key} is missing from operator/AUTOSCALING.md"
+            )
