@@ -146,6 +146,12 @@ _DELEGATED: list[tuple[str, str, str]] = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Delegated commands get their arguments untouched: argparse's REMAINDER does not
+    # take a first argument that looks like an option (`tandem operator --kubeconfig x`).
+    delegated = {name: module for name, module, _ in _DELEGATED}
+    if argv and argv[0] in delegated:
+        return _delegate(delegated[argv[0]])(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
