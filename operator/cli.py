@@ -131,8 +131,13 @@ def _configure_logging(level: str, fmt: str) -> None:
         log_prefix=True,
     )  # fmt: skip
     logging.getLogger().setLevel(level.upper())
-    # One line per API request is too much below debug.
-    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # A line per API request (and per socket event) drowns everything else.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # kopf says "Handler ... succeeded" for every watch event of every child; the
+    # controller logs what it actually does, per pool.
+    if level != "debug":
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str]) -> int:

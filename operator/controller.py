@@ -23,6 +23,19 @@ Clock = Callable[[], datetime.datetime]
 _log = logging.getLogger(__name__)
 
 
+class PoolLogger(logging.LoggerAdapter[logging.Logger]):
+    """Log lines about one pool, prefixed ``[namespace/name]`` as kopf's are."""
+
+    def __init__(self, namespace: str, name: str) -> None:
+        super().__init__(_log, {"pool": f"{namespace}/{name}"})
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{(self.extra or {}).get('pool')}] {msg}", kwargs
+
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
 def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -85,7 +98,7 @@ class Controller:
             del self._locks[(namespace, name)]
 
     async def reconcile_named(
-        self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter[Any]
+        self, namespace: str, name: str, logger: Logger | None = None
     ) -> tuple[K8sObject, Report] | None:
         """Reconcile a pool read fresh from the API; None when it is gone or going."""
         body = await self._kube.find(kinds.POOLS, namespace, name)
@@ -93,13 +106,10 @@ class Controller:
             return None
         return body, await self.reconcile(body, logger)
 
-    async def reconcile(
-        self,
-        body: Mapping[str, Any],
-        logger: logging.Logger | logging.LoggerAdapter[Any] = _log,
-    ) -> Report:
+    async def reconcile(self, body: Mapping[str, Any], logger: Logger | None = None) -> Report:
         meta = body["metadata"]
         namespace = meta.get("namespace") or "default"
+        logger = logger or PoolLogger(namespace, meta["name"])
         async with self._lock(namespace, meta["name"]):
             try:
                 pool = validation.parse_pool(body)
@@ -132,7 +142,7 @@ class Controller:
         self,
         pool: api.InferencePool,
         body: Mapping[str, Any],
-        logger: logging.Logger | logging.LoggerAdapter[Any],
+        logger: Logger,
     ) -> Report:
         report = Report()
         desired = planning.plan(pool, self._plan_settings)
@@ -171,7 +181,7 @@ class Controller:
         desired: Mapping[decisions.Key, K8sObject],
         live: dict[decisions.Key, K8sObject],
         report: Report,
-        logger: logging.Logger | logging.LoggerAdapter[Any],
+        logger: Logger,
     ) -> None:
         for handover in decision.handovers:
             k = applying.key(handover)
@@ -224,7 +234,7 @@ class Controller:
     @staticmethod
     def _failed(
         report: Report,
-        logger: logging.Logger | logging.LoggerAdapter[Any],
+        logger: Logger,
         what: str,
         exc: client.ApiError,
     ) -> None:

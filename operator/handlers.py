@@ -108,8 +108,8 @@ def register(
     @kopf.on.resume(group, version, plural, id="reconcile", registry=registry)
     @kopf.on.create(group, version, plural, id="reconcile", registry=registry)
     @kopf.on.update(group, version, plural, id="reconcile", registry=registry)
-    async def reconcile_pool(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        report = await ctl.reconcile(body, logger)
+    async def reconcile_pool(body: kopf.Body, **_: Any) -> None:
+        report = await ctl.reconcile(body)
         post(body, report)
         _raise_for(report)
 
@@ -122,9 +122,9 @@ def register(
         initial_delay=settings.resync_interval,
         registry=registry,
     )
-    async def resync(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    async def resync(body: kopf.Body, **_: Any) -> None:
         # Errors are not raised: the next tick is the retry.
-        post(body, await ctl.reconcile(body, logger))
+        post(body, await ctl.reconcile(body))
 
     @kopf.on.delete(group, version, plural, id="forget", optional=True, registry=registry)
     def forget(namespace: str | None, name: str | None, **_: Any) -> None:
@@ -145,7 +145,6 @@ def register(
         event: kopf.RawEvent,
         body: kopf.Body,
         namespace: str | None,
-        logger: kopf.Logger,
         **kwargs: Any,
     ) -> None:
         pools: kopf.Index[IndexKey, api.InferencePool | None] = kwargs["pools"]
@@ -160,7 +159,8 @@ def register(
         )
         if why is None:
             return
-        logger.debug("Reconciling %s/%s: %s", namespace, owner, why)
+        logger = controller.PoolLogger(namespace, owner)
+        logger.debug("Reconciling: %s", why)
         result = await ctl.reconcile_named(namespace, owner, logger)
         if result is not None:
             post(*result)
