@@ -37,6 +37,7 @@ from tandem.router import (
     settings,
     tokens,
 )
+from tandem.router import transport as transport_
 
 __all__ = ["RouterApp", "create_app"]
 
@@ -118,12 +119,8 @@ class RouterApp:
     async def startup(self) -> None:
         config = self.config
         t = config.timeouts
-        transport = self._transport or httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_connections,
-                keepalive_expiry=30.0,
-            ),
+        transport = self._transport or transport_.Http11Transport(
+            max_idle_per_host=config.max_connections
         )
         client = httpx.AsyncClient(
             transport=transport,
@@ -149,7 +146,7 @@ class RouterApp:
             metrics=meters,
             orchestrator=orchestration.Orchestrator(
                 config=config,
-                client=client,
+                upstream=transport_.upstream_for(transport),
                 prefill=sets["prefill"],
                 decode=sets["decode"],
                 policy=policies.make(config.policy, config.prefix),

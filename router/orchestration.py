@@ -27,12 +27,21 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
 
-from tandem.router import admission, endpoints, errors, metrics, payloads, policies, settings
+from tandem.router import (
+    admission,
+    endpoints,
+    errors,
+    metrics,
+    payloads,
+    policies,
+    settings,
+    transport,
+)
 
 __all__ = ["Orchestrator", "Responder", "new_request_id"]
 
@@ -67,13 +76,21 @@ class _AttemptError(Exception):
 @dataclass
 class Orchestrator:
     config: settings.RouterSettings
-    client: httpx.AsyncClient
+    upstream: transport.Upstream
+    """The way to the workers: the app's client's transport, called without httpx's
+    request/response objects on the hot path (see ``transport``)."""
     prefill: endpoints.EndpointSet
     decode: endpoints.EndpointSet
     policy: policies.Policy
     admission: admission.Admission
     metrics: metrics.RouterMetrics
     clock: Callable[[], float] = time.monotonic
+    _timeouts: dict[str, float | None] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        t = self.config.timeouts
+        # Reads are bounded by asyncio deadlines here (first byte, idle, whole hop).
+        self._timeouts.update(connect=t.connect, read=None, write=t.idle, pool=t.first_byte)
 
     # -- the whole request -------------------------------------------------
 
@@ -124,7 +141,6 @@ class Orchestrator:
         """The prefill worker's ``kv_transfer_params``, or None and why not."""
         body = payloads.prefill_body(request)
         path = payloads.PATHS[request.api]
-        headers = _headers(request_id)
         tried: set[str] = set()
         for attempt in range(1 + self.config.retries.prefill):
             endpoint = self.policy(
@@ -140,23 +156,20 @@ class Orchestrator:
             self.prefill.acquire(url)
             try:
                 async with asyncio.timeout(self.config.timeouts.prefill):
-                    response = await self.client.post(url + path, content=body, headers=headers)
+                    status, content, content_type = await self._fetch(url + path, body, request_id)
             except (httpx.HTTPError, TimeoutError) as exc:
                 self._attempt_failed(self.prefill, url, exc)
                 continue
             finally:
                 self.prefill.release(url)
-            status = response.status_code
             if status >= 500 or status in _RETRYABLE_STATUS:
                 self._attempt_failed(self.prefill, url, None, status)
                 continue
             if status >= 400:
-                raise errors.UpstreamRejectedError(
-                    status, response.content, _content_type(response)
-                )
+                raise errors.UpstreamRejectedError(status, content, content_type)
             self.prefill.mark_up(url)
             self.metrics.prefill_hop.observe(self.clock() - started)
-            params = payloads.kv_transfer_params(response.content)
+            params = payloads.kv_transfer_params(content)
             if params is None:
                 logger.warning("prefill worker %s returned no kv_transfer_params", url)
                 return None, "no_kv_params"
@@ -188,12 +201,10 @@ class Orchestrator:
             tried.add(url)
             self.decode.acquire(url)
             try:
-                http_request = self.client.build_request(
-                    "POST", url + path, content=body, headers=_headers(request_id)
-                )
+                target = url + path
                 if request.stream:
-                    return await self._stream(http_request, url, respond, arrival)
-                return await self._whole(http_request, url, respond, arrival)
+                    return await self._stream(target, body, request_id, url, respond, arrival)
+                return await self._whole(target, body, request_id, url, respond, arrival)
             except _AttemptError as failed:
                 last = failed.error
             finally:
@@ -201,53 +212,60 @@ class Orchestrator:
         raise last
 
     async def _whole(
-        self, http_request: httpx.Request, url: str, respond: Responder, arrival: float
+        self,
+        target: str,
+        body: bytes,
+        request_id: str,
+        url: str,
+        respond: Responder,
+        arrival: float,
     ) -> str:
         """A non-streamed answer: read it all (retryable until then), then send it."""
         try:
             async with asyncio.timeout(self.config.timeouts.request):
-                response = await self.client.send(http_request)
+                status, content, content_type = await self._fetch(target, body, request_id)
         except (httpx.HTTPError, TimeoutError) as exc:
             raise self._failed(url, exc) from exc
-        status = response.status_code
         if status >= 500 or status in _RETRYABLE_STATUS:
             raise self._failed(url, None, status)
         if status >= 400:
-            raise errors.UpstreamRejectedError(status, response.content, _content_type(response))
+            raise errors.UpstreamRejectedError(status, content, content_type)
         self.decode.mark_up(url)
-        content = response.content
         await respond.start(
             200,
-            [
-                (b"content-type", _content_type(response)),
-                (b"content-length", str(len(content)).encode()),
-            ],
+            [(b"content-type", content_type), (b"content-length", str(len(content)).encode())],
         )
         await respond.body(content, False)
         self.metrics.duration.observe(self.clock() - arrival)
         return "ok"
 
     async def _stream(
-        self, http_request: httpx.Request, url: str, respond: Responder, arrival: float
+        self,
+        target: str,
+        body: bytes,
+        request_id: str,
+        url: str,
+        respond: Responder,
+        arrival: float,
     ) -> str:
         """A streamed answer: retryable until its first body byte, then passed through."""
         timeouts = self.config.timeouts
         clock = self.clock
-        response: httpx.Response | None = None
+        reply: transport.Reply | None = None
         started = False
         events = 0
         first = last = 0.0
         try:
             async with asyncio.timeout(timeouts.first_byte) as deadline:
                 try:
-                    response = await self.client.send(http_request, stream=True)
-                    status = response.status_code
+                    reply = await self.upstream.post(target, body, request_id, self._timeouts)
+                    status = reply.status
                     if status != 200:
-                        content = await response.aread()
+                        content = await reply.read()
                         if status >= 500 or status in _RETRYABLE_STATUS:
                             raise self._failed(url, None, status)
-                        raise errors.UpstreamRejectedError(status, content, _content_type(response))
-                    chunks = response.aiter_raw()
+                        raise errors.UpstreamRejectedError(status, content, reply.content_type)
+                    chunks = reply.chunks()
                     chunk = await anext(chunks, b"")
                 except httpx.HTTPError as exc:
                     raise self._failed(url, exc) from exc
@@ -256,7 +274,7 @@ class Orchestrator:
                 started = True
                 first = last = clock()
                 self.metrics.ttft.observe(first - arrival)
-                await respond.start(200, [(b"content-type", _content_type(response))])
+                await respond.start(200, [(b"content-type", reply.content_type)])
                 while chunk:
                     events += chunk.count(b"data:")
                     await respond.body(chunk, True)
@@ -277,8 +295,8 @@ class Orchestrator:
                 respond, errors.UpstreamError(f"the decode worker failed: {exc}")
             )
         finally:
-            if response is not None:
-                await response.aclose()
+            if reply is not None:
+                await reply.aclose()
         now = clock()
         self.metrics.duration.observe(now - arrival)
         # One event per token, less the first and the closing [DONE]: an estimate.
@@ -295,6 +313,17 @@ class Orchestrator:
         except TimeoutError:
             pass
         return "broken_stream"
+
+    # -- upstream I/O ------------------------------------------------------------
+
+    async def _fetch(self, target: str, body: bytes, request_id: str) -> tuple[int, bytes, bytes]:
+        """Status, whole body and content type of a non-streamed answer."""
+        reply = await self.upstream.post(target, body, request_id, self._timeouts)
+        try:
+            content = await reply.read()
+        finally:
+            await reply.aclose()
+        return reply.status, content, reply.content_type
 
     # -- failures --------------------------------------------------------------
 
@@ -324,17 +353,3 @@ class Orchestrator:
         self, url: str, exc: BaseException | None, status: int | None = None
     ) -> _AttemptError:
         return _AttemptError(self._attempt_failed(self.decode, url, exc, status))
-
-
-def _headers(request_id: str) -> dict[str, str]:
-    # Both hops carry the same id, as vLLM's own disaggregation proxy does.
-    return {
-        "content-type": "application/json",
-        "x-request-id": request_id,
-        "accept-encoding": "identity",
-    }
-
-
-def _content_type(response: httpx.Response) -> bytes:
-    value: str = response.headers.get("content-type", "application/json")
-    return value.encode()

@@ -193,7 +193,7 @@ def decode_process() -> Any:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while True:
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
