@@ -220,3 +220,25 @@ async def test_upstream_for_adapts_other_transports() -> None:
     await reply.aclose()
     ours = transport.Http11Transport()
     assert transport.upstream_for(ours) is ours
+
+
+def test_under_uvloop() -> None:
+    """The CLI runs on uvloop when installed: its transports are not asyncio's classes."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        async def handler(request: bytes, writer: asyncio.StreamWriter) -> bool:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            )
+            return True
+
+        pool = transport.Http11Transport()
+        async with _server(handler) as (url, _):
+            for _ in range(2):
+                reply = await pool.post(f"{url}/x", b"{}", "r", TIMEOUTS)
+                assert await reply.read() == b"ok"
+                await reply.aclose()
+        await pool.aclose()
+
+    uvloop.run(main())
