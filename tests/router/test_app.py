@@ -407,3 +407,26 @@ async def test_set_endpoints_changes_where_requests_go() -> None:
         app.set_endpoints("decode", [D2])
         await client.post("/v1/completions", json={"prompt": "hi"})
     assert workers.seen[0][0].startswith(D2)
+
+
+async def test_metrics_md_lists_every_metric() -> None:
+    """router/METRICS.md is the table the README folds in: it must not drift."""
+    import re
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    documented = set(
+        re.findall(
+            r"`(tandem_router_\w+)`", (Path(router_app.__file__).parent / "METRICS.md").read_text()
+        )
+    )
+    async with _router(Workers()) as (client, _):
+        await client.post("/v1/completions", json={"prompt": "hi"})
+        text = (await client.get("/metrics")).text
+    exposed = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(text)
+        if not family.name.endswith("_created")  # prometheus_client's creation stamps
+    }
+    assert exposed == documented
