@@ -222,7 +222,6 @@ async def run(settings: OperatorSettings) -> int:
         registry = kopf.OperatorRegistry()
         ctl = controller.Controller(kube, settings.plan)
         handlers.register(registry, ctl, settings, creds)
-        kopf_stop = asyncio.Event()
         kopf_task = asyncio.create_task(
             kopf.operator(
                 registry=registry,
@@ -230,7 +229,6 @@ async def run(settings: OperatorSettings) -> int:
                 standalone=True,
                 clusterwide=not settings.namespaces,
                 namespaces=settings.namespaces,
-                stop_flag=kopf_stop,
                 ready_flag=kopf_ready,
             ),
             name="kopf",
@@ -243,13 +241,18 @@ async def run(settings: OperatorSettings) -> int:
         if guard.done() and not guard.cancelled() and guard.exception() is not None:
             logger.error("Stopping: %s", guard.exception())
             code = EXIT_FAILED
-        guard.cancel()
-        kopf_stop.set()
+        # kopf first: until it has stopped, this process still acts and must keep the Lease.
+        # (Cancelled rather than given a stop flag: kopf waits 5 s for a flag waiter on
+        # SIGTERM, which kopf handles itself once it runs.)
+        kopf_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await kopf_task
         if not kopf_task.cancelled() and kopf_task.exception() is not None:
             logger.error("kopf stopped with an error: %s", kopf_task.exception())
             code = EXIT_FAILED
+        guard.cancel()
+        with contextlib.suppress(asyncio.CancelledError, leader.LeadershipLostError):
+            await guard
         if elector is not None and code == EXIT_OK:
             await elector.release()
         return code

@@ -239,6 +239,10 @@ class Controller:
         exc: client.ApiError,
     ) -> None:
         message = f"Cannot {what}: {exc}"
+        if isinstance(exc, client.ForbiddenError) and "being terminated" in exc.message:
+            # The namespace is going away, and the pool with it.
+            logger.debug("%s", message)
+            return
         report.retry = report.retry or exc.temporary
         report.problems.append(conditions.Problem("ApplyFailed", message))
         report.notices.append(Notice("Warning", "ApplyFailed", message))

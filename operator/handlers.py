@@ -102,7 +102,7 @@ def register(
     group, version, plural = api.GROUP, api.VERSION, api.PLURAL
 
     @kopf.on.login(id="login", registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
+    async def login(**_: Any) -> kopf.ConnectionInfo:
         return connection_info(creds)
 
     @kopf.on.resume(group, version, plural, id="reconcile", registry=registry)
@@ -127,12 +127,12 @@ def register(
         post(body, await ctl.reconcile(body))
 
     @kopf.on.delete(group, version, plural, id="forget", optional=True, registry=registry)
-    def forget(namespace: str | None, name: str | None, **_: Any) -> None:
+    async def forget(namespace: str | None, name: str | None, **_: Any) -> None:
         # No finalizer (optional): the children go by garbage collection.
         ctl.forget(namespace or "default", name or "")
 
     @kopf.index(group, version, plural, id="pools", registry=registry)
-    def pools(
+    async def pools(
         body: kopf.Body, namespace: str | None, name: str | None, **_: Any
     ) -> dict[IndexKey, api.InferencePool | None]:
         try:

@@ -243,12 +243,23 @@ class LeaderElector:
     async def release(self) -> None:
         """Give the Lease up if this process holds it (best effort)."""
         lease, self._lease = self._lease, None
-        if lease is None:
-            return
-        try:
-            await self._kube.replace(
-                released_body(lease, self._clock()), field_manager=FIELD_MANAGER
-            )
-            logger.info("Released the Lease %s/%s", self._namespace, self._settings.lease_name)
-        except client.ApiError as exc:
-            logger.warning("Cannot release the Lease: %s", exc)
+        name = self._settings.lease_name
+        for _ in range(3):
+            if lease is None or Record.of(lease).holder != self.identity:
+                return
+            try:
+                await self._kube.replace(
+                    released_body(lease, self._clock()), field_manager=FIELD_MANAGER
+                )
+                logger.info("Released the Lease %s/%s", self._namespace, name)
+                return
+            except client.ConflictError:
+                # A renewal landed after our last read: read again and retry.
+                try:
+                    lease = await self._kube.find(kinds.LEASES, self._namespace, name)
+                except client.ApiError as exc:
+                    logger.warning("Cannot release the Lease: %s", exc)
+                    return
+            except client.ApiError as exc:
+                logger.warning("Cannot release the Lease: %s", exc)
+                return

@@ -127,3 +127,14 @@ async def test_a_deleted_child_is_recreated(fake_kube: FakeKube) -> None:
     assert result is not None
     assert ("services", "default", "tiny-decode") in fake_kube.objects
     assert [n.message for n in result[1].notices] == ["Created Service tiny-decode"]
+
+
+async def test_a_terminating_namespace_is_no_problem(fake_kube: FakeKube) -> None:
+    fake_kube.fail_apply["tiny-router"] = client.ForbiddenError(
+        403,
+        "Forbidden",
+        "unable to create new content in namespace x because it is being terminated",
+    )
+    report = await make(fake_kube).reconcile(stored_pool(fake_kube), LOG)
+    assert not report.problems
+    assert not report.retry

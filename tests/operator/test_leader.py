@@ -172,3 +172,30 @@ async def test_hold_returns_when_stopped() -> None:
     stop.set()
     await asyncio.wait_for(task, 1)
     assert a.is_leader
+
+
+async def test_release_retries_over_a_late_renewal() -> None:
+    api, clock = LeaseApi(), [0.0]
+    a = elector(api, "a", clock)
+    assert await a._attempt()
+    stale = a._lease
+    assert await a._attempt()  # a renewal whose answer was lost: a holds an old version
+    a._lease = stale
+    await a.release()
+    assert api.lease is not None
+    assert api.lease["spec"]["holderIdentity"] == ""
+
+
+async def test_release_leaves_a_successors_lease_alone() -> None:
+    api, clock = LeaseApi(), [0.0]
+    a, b = elector(api, "a", clock), elector(api, "b", clock)
+    assert await a._attempt()
+    stale = a._lease
+    clock[0] = 10.0
+    assert not await b._attempt()
+    clock[0] = 20.0
+    assert await b._attempt()
+    a._lease = stale
+    await a.release()
+    assert api.lease is not None
+    assert api.lease["spec"]["holderIdentity"] == "b"
