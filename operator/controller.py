@@ -114,11 +114,11 @@ class Controller:
             try:
                 pool = validation.parse_pool(body)
             except validation.InvalidPoolError as exc:
-                return await self._report_invalid(body, exc)
+                return await self._report_invalid(body, exc, logger)
             return await self._reconcile(pool, body, logger)
 
     async def _report_invalid(
-        self, body: Mapping[str, Any], exc: validation.InvalidPoolError
+        self, body: Mapping[str, Any], exc: validation.InvalidPoolError, logger: Logger
     ) -> Report:
         message = "; ".join(f"{p.path}: {p.message}" if p.path else p.message
                             for p in exc.problems)  # fmt: skip
@@ -128,7 +128,8 @@ class Controller:
         wanted = conditions.invalid_status(
             int(body["metadata"].get("generation") or 0), message, current, rfc3339(self._clock())
         )
-        await self._write_status(body, wanted, current, report)
+        logger.error("Invalid spec: %s", message)
+        await self._write_status(body, wanted, current, report, logger)
         return report
 
     async def _observe(self, pool: api.InferencePool) -> dict[decisions.Key, K8sObject]:
@@ -172,7 +173,7 @@ class Controller:
         current = body.get("status") or {}
         obs = decisions.observation(pool, live, report.problems)
         wanted = conditions.status(obs, current, rfc3339(self._clock()))
-        await self._write_status(body, wanted, current, report)
+        await self._write_status(body, wanted, current, report, logger)
         return report
 
     async def _execute(
@@ -183,6 +184,7 @@ class Controller:
         report: Report,
         logger: Logger,
     ) -> None:
+        not_handed: set[decisions.Key] = set()
         for handover in decision.handovers:
             k = applying.key(handover)
             try:
@@ -192,9 +194,11 @@ class Controller:
                 logger.debug("Handed spec.replicas of %s %s to the autoscaler", *k)
             except client.ApiError as exc:
                 self._failed(report, logger, f"hand over the replicas of {k[0]} {k[1]}", exc)
-                return  # releasing the replicas now would reset them: stop here
+                not_handed.add(k)
         for action in decision.applies:
             k = action.key
+            if k in not_handed:
+                continue  # applying without replicas now would reset them to 1
             before = live.get(k)
             try:
                 result = await self._kube.apply(
@@ -254,6 +258,7 @@ class Controller:
         wanted: Mapping[str, Any],
         current: Mapping[str, Any],
         report: Report,
+        logger: Logger,
     ) -> None:
         if not conditions.changed(wanted, current):
             return
@@ -266,6 +271,6 @@ class Controller:
             )
         except client.ApiError as exc:
             report.retry = report.retry or exc.temporary
-            _log.warning("Cannot write the status of %s: %s", body["metadata"]["name"], exc)
+            logger.warning("Cannot write the status: %s", exc)
             return
         report.status_written = True

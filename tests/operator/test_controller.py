@@ -138,3 +138,26 @@ async def test_a_terminating_namespace_is_no_problem(fake_kube: FakeKube) -> Non
     report = await make(fake_kube).reconcile(stored_pool(fake_kube), LOG)
     assert not report.problems
     assert not report.retry
+
+
+async def test_a_failed_handover_keeps_the_replicas(fake_kube: FakeKube) -> None:
+    ctl = make(fake_kube)
+    await ctl.reconcile(stored_pool(fake_kube), LOG)
+    decode = fake_kube.objects[("deployments", "default", "tiny-decode")]
+    decode["spec"]["replicas"] = 3
+    decode["metadata"]["managedFields"] = [
+        {"manager": applying.FIELD_MANAGER, "operation": "Apply",
+         "fieldsV1": {"f:spec": {"f:replicas": {}}}},
+    ]  # fmt: skip
+    fake_kube.fail_apply["tiny-decode"] = client.ApiError(500, "InternalError", "boom")
+    body = fake_kube.objects[("inferencepools", "default", "tiny")]
+    report = await ctl.reconcile(body, LOG)
+    assert report.retry
+    assert fake_kube.objects[("deployments", "default", "tiny-decode")]["spec"]["replicas"] == 3
+    del fake_kube.fail_apply["tiny-decode"]
+    await ctl.reconcile(body, LOG)
+    decode = fake_kube.objects[("deployments", "default", "tiny-decode")]
+    assert decode["spec"]["replicas"] == 3
+    assert [e["manager"] for e in decode["metadata"]["managedFields"]] == [
+        applying.AUTOSCALER_FIELD_MANAGER
+    ]
