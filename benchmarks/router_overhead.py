@@ -67,6 +67,7 @@ def free_port() -> int:
 class Process:
     name: str
     popen: subprocess.Popen[bytes]
+    log: Path
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -90,7 +91,7 @@ def processes() -> Iterator[list[Process]]:
 
 def start(started: list[Process], name: str, argv: list[str], log: Path) -> Process:
     out = log.open("wb")
-    process = Process(name, subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT))
+    process = Process(name, subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT), log)
     started.append(process)
     return process
 
@@ -99,7 +100,8 @@ async def wait_ready(process: Process, port: int, path: str, within: float = 120
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if process.popen.poll() is not None:
-            raise RuntimeError(f"{process.name} exited with {process.popen.returncode}")
+            tail = process.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n{tail}")
         try:
             conn = await Connection.open(port)
             try:
@@ -167,13 +169,13 @@ Call = Callable[[], Awaitable[None]]
 class Paths:
     """The three ways to serve one request; each call uses its own connections."""
 
-    def __init__(self, prefill: int, decode: int, tandem: int, vllm_router: int, tokens: int):
-        self.ports = {
-            "prefill": prefill,
-            "decode": decode,
-            "tandem": tandem,
-            "vllm-router": vllm_router,
-        }
+    def __init__(
+        self, prefill: list[int], decode: list[int], tandem: int, vllm_router: int, tokens: int
+    ):
+        self.prefill = prefill
+        self.decode = decode
+        self.turn = 0
+        self.ports = {"tandem": tandem, "vllm-router": vllm_router}
         self.request = {"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "stream": True}
         self.raw = post("/v1/completions", json.dumps(self.request).encode())
         prefill_body = {
@@ -184,12 +186,20 @@ class Paths:
         }
         self.prefill_raw = post("/v1/completions", json.dumps(prefill_body).encode())
         self.tokens = tokens
+        self.opened: list[Connection] = []
+
+    def close_all(self) -> None:
+        for conn in self.opened:
+            conn.close()
+        self.opened.clear()
 
     async def client(self, name: str) -> Call:
         """A coroutine function serving one request on the named path."""
-        if name == "direct":
-            p = await Connection.open(self.ports["prefill"])
-            d = await Connection.open(self.ports["decode"])
+        if name == "direct":  # each client sticks to one prefill and one decode worker
+            self.turn += 1
+            p = await Connection.open(self.prefill[self.turn % len(self.prefill)])
+            d = await Connection.open(self.decode[self.turn % len(self.decode)])
+            self.opened += [p, d]
 
             async def direct() -> None:
                 status, body = await p.request(self.prefill_raw)
@@ -201,6 +211,7 @@ class Paths:
 
             return direct
         conn = await Connection.open(self.ports[name])
+        self.opened.append(conn)
 
         async def routed() -> None:
             status, body = await conn.request(self.raw)
@@ -266,6 +277,7 @@ async def throughput(
     started = time.perf_counter()
     await asyncio.gather(*(loop(call) for call in calls))
     rate = done / (time.perf_counter() - started)
+    paths.close_all()
     cpu = (cpu_seconds(pid) - cpu_before) / done * 1e6 if pid and done else None
     return rate, cpu
 
@@ -278,17 +290,17 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "vllm-router", path=str(Path(sys.executable).parent)
     ) or shutil.which("vllm-router")
     logs = Path(tempfile.mkdtemp(prefix="tandem-router-bench-"))
-    ports = {
-        name: free_port() for name in ("prefill", "decode", "tandem", "vllm-router", "vr-metrics")
-    }
+    ports = {name: free_port() for name in ("tandem", "vllm-router", "vr-metrics")}
+    workers = {role: [free_port() for _ in range(args.workers)] for role in ("prefill", "decode")}
+    urls = {role: [f"http://{HOST}:{port}" for port in found] for role, found in workers.items()}
     config = {
         "servedModelName": MODEL,
         "mode": "disaggregated",
         "policy": "least-load",
         "discovery": {
             "kind": "static",
-            "prefill": [f"http://{HOST}:{ports['prefill']}"],
-            "decode": [f"http://{HOST}:{ports['decode']}"],
+            "prefill": urls["prefill"],
+            "decode": urls["decode"],
         },
         "maxQueuedRequests": 4096,
     }
@@ -297,19 +309,22 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 "--time-scale", str(args.time_scale), "--log-level", "warning", "--host", HOST]  # fmt: skip
     with processes() as started:
         waits = []
-        for role in ("prefill", "decode"):
-            argv = [*emulator, "--role", role, "--port", str(ports[role])]
-            waits.append((start(started, role, argv, logs / f"{role}.log"), ports[role], "/health"))
-        argv = [sys.executable, "-m", "tandem.router", "--config", str(logs / "router.json"),
+        for role, found in workers.items():
+            for i, port in enumerate(found):
+                argv = [*emulator, "--role", role, "--port", str(port)]
+                name = f"{role}-{i}"
+                waits.append((start(started, name, argv, logs / f"{name}.log"), port, "/health"))
+        pin = ["taskset", "-c", args.router_cpus] if args.router_cpus else []
+        argv = [*pin, sys.executable, "-m", "tandem.router", "--config", str(logs / "router.json"),
                 "--host", HOST, "--port", str(ports["tandem"]), "--log-level", "warning"]  # fmt: skip
         waits.append(
             (start(started, "tandem", argv, logs / "tandem.log"), ports["tandem"], "/ready")
         )
         names = ["direct", "tandem"]
         if vllm_router and not args.no_vllm_router:
-            argv = [vllm_router, "--vllm-pd-disaggregation",
-                    "--prefill", f"http://{HOST}:{ports['prefill']}",
-                    "--decode", f"http://{HOST}:{ports['decode']}",
+            argv = [*pin, vllm_router, "--vllm-pd-disaggregation",
+                    *(a for url in urls["prefill"] for a in ("--prefill", url)),
+                    *(a for url in urls["decode"] for a in ("--decode", url)),
                     "--policy", "round_robin", "--host", HOST, "--port", str(ports["vllm-router"]),
                     "--prometheus-host", HOST, "--prometheus-port", str(ports["vr-metrics"]),
                     "--worker-startup-check-interval", "1", "--log-level", "warning",
@@ -330,7 +345,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         for process, port, path in waits:
             await wait_ready(process, port, path)
         paths = Paths(
-            ports["prefill"], ports["decode"], ports["tandem"], ports["vllm-router"], args.tokens
+            workers["prefill"],
+            workers["decode"],
+            ports["tandem"],
+            ports["vllm-router"],
+            args.tokens,
         )
 
         print(f"latency: {args.requests} sequential requests per path ...", file=sys.stderr)
@@ -348,16 +367,25 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             lat[name]["added_p99_ms"] = lat[name]["p99_ms"] - lat["direct"]["p99_ms"]
         result["latency"] = lat
 
+        # Short slices, the paths taking turns, so that load from outside this
+        # benchmark (other processes on a shared machine) hits all paths alike.
         pids = {p.name: p.popen.pid for p in started}
         rates: dict[str, dict[int, float]] = {name: {} for name in names}
         cpu: dict[str, list[float]] = {name: [] for name in names}
+        slices = max(1, round(args.seconds / args.slice))
         for concurrency in args.concurrency:
+            print(f"throughput at concurrency {concurrency} ...", file=sys.stderr)
+            seen: dict[str, list[float]] = {name: [] for name in names}
+            for i in range(slices):
+                for name in names[i % len(names) :] + names[: i % len(names)]:
+                    rate, own = await throughput(
+                        paths, name, concurrency, args.slice, pids.get(name)
+                    )
+                    seen[name].append(rate)
+                    if own is not None:
+                        cpu[name].append(own)
             for name in names:
-                print(f"throughput: {name} at concurrency {concurrency} ...", file=sys.stderr)
-                rate, own = await throughput(paths, name, concurrency, args.seconds, pids.get(name))
-                rates[name][concurrency] = rate
-                if own is not None:
-                    cpu[name].append(own)
+                rates[name][concurrency] = statistics.median(seen[name])
         result["throughput_rps"] = rates
         result["cpu_us_per_request"] = {n: statistics.median(v) for n, v in cpu.items() if v}
         result["max_rps"] = {name: max(r.values()) for name, r in rates.items()}
@@ -369,7 +397,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 / max(lat["vllm-router"]["added_p50_ms"], 1e-9),
                 "max_rps_tandem_over_vllm_router": best["tandem"] / best["vllm-router"],
             }
-        result["cpus"] = os.cpu_count()
+        result["cpus"] = len(os.sched_getaffinity(0))
+        result["workers_per_role"] = args.workers
+        result["router_cpus"] = args.router_cpus
+        result["load_average_at_end"] = os.getloadavg()
         result["logs"] = str(logs)
     return result
 
@@ -410,14 +441,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=400, help="latency samples per path")
     parser.add_argument("--warmup", type=int, default=50, help="unmeasured requests per path first")
     parser.add_argument(
-        "--seconds", type=float, default=5.0, help="duration of each throughput point"
+        "--seconds", type=float, default=6.0, help="measured seconds per path and concurrency"
+    )
+    parser.add_argument(
+        "--slice", type=float, default=1.0, help="seconds per turn (the paths alternate)"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--tokens", type=int, default=4, help="max_tokens of each request")
     parser.add_argument("--time-scale", type=float, default=1e6, help="emulator speed-up")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="emulators per role (default: 1 prefill, 1 decode)"
+    )
+    parser.add_argument(
+        "--router-cpus",
+        help="taskset CPU list for both routers (e.g. 3): measure them on a core of their own",
+    )
     parser.add_argument("--no-vllm-router", action="store_true", help="skip vllm-router")
     parser.add_argument("--json", action="store_true", help="print the raw result as JSON too")
     args = parser.parse_args(argv)
+    print(f"load average (1, 5, 15 min) at the start: {os.getloadavg()}")
     try:
         import uvloop
 
@@ -425,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         result = asyncio.run(run(args))
     print(report(result))
+    print(f"load average (1, 5, 15 min) at the end: {result['load_average_at_end']}")
     if "ratios" in result:
         print(json.dumps(result["ratios"], indent=2))
     if args.json:
