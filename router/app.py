@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
 
 _JSON = b"application/json"
+_PRINTABLE = re.compile(rb"[\x21-\x7e]{1,128}")
 _API_PATHS: dict[str, payloads.Api] = {
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat",
@@ -309,11 +311,16 @@ class RouterApp:
         length = -1
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                request_id = value[:128]
+                request_id = value
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else -1
-        if not request_id:
-            request_id = orchestration.new_request_id().encode()
+        # Workers get an id of their own for each request (two clients may send the
+        # same one), prefixed with the client's for tracing; the client gets its own back.
+        upstream_id = orchestration.new_request_id()
+        if request_id and _PRINTABLE.fullmatch(request_id):
+            upstream_id = f"{request_id.decode()}-{upstream_id[:12]}"
+        else:
+            request_id = upstream_id.encode()
         responder = _Responder(send, request_id)
         outcome = "error"
         try:
@@ -326,7 +333,7 @@ class RouterApp:
             outcome = await _watching_disconnect(
                 receive,
                 responder,
-                runtime.orchestrator.serve(request, responder, request_id.decode(), arrival),
+                runtime.orchestrator.serve(request, responder, upstream_id, arrival),
             )
         except errors.RouterError as exc:
             outcome = exc.outcome
@@ -335,7 +342,7 @@ class RouterApp:
         except _ClientGoneError:
             outcome = "cancelled"
         except Exception:
-            logger.exception("request %s failed", request_id.decode())
+            logger.exception("request %s failed", upstream_id)
             outcome = "error"
             if not responder.started:
                 await _error(send, errors.RouterError("internal error"), request_id)

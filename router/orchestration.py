@@ -86,6 +86,7 @@ class Orchestrator:
     metrics: metrics.RouterMetrics
     clock: Callable[[], float] = time.monotonic
     _timeouts: dict[str, float | None] = field(default_factory=dict, init=False)
+    _warned: set[str] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         t = self.config.timeouts
@@ -171,7 +172,13 @@ class Orchestrator:
             self.metrics.prefill_hop.observe(self.clock() - started)
             params = payloads.kv_transfer_params(content)
             if params is None:
-                logger.warning("prefill worker %s returned no kv_transfer_params", url)
+                if url not in self._warned:  # a configuration problem: say it once per worker
+                    self._warned.add(url)
+                    logger.warning(
+                        "prefill worker %s answers without kv_transfer_params (is its "
+                        "--kv-transfer-config set?): its requests are prefilled on decode",
+                        url,
+                    )
                 return None, "no_kv_params"
             return params, ""
         return None, "prefill_failed"

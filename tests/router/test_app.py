@@ -65,7 +65,8 @@ async def test_disaggregated_two_hops() -> None:
     assert prefill["stream"] is False
     assert decode_url.startswith("http://d")
     assert decode == {"model": MODEL, "prompt": "hi", "max_tokens": 5, "kv_transfer_params": KV}
-    assert prefill_headers["x-request-id"] == decode_headers["x-request-id"] == "abc"
+    assert prefill_headers["x-request-id"] == decode_headers["x-request-id"]
+    assert prefill_headers["x-request-id"].startswith("abc-")
     assert _metric(app, "tandem_router_requests_total", outcome="ok") == 1
     assert _metric(app, "tandem_router_routed_total", path="disaggregated") == 1
     assert _metric(app, "tandem_router_prefill_hop_seconds_count") == 1
@@ -430,3 +431,23 @@ async def test_metrics_md_lists_every_metric() -> None:
         if not family.name.endswith("_created")  # prometheus_client's creation stamps
     }
     assert exposed == documented
+
+
+async def test_request_ids_are_unique_upstream_and_echoed() -> None:
+    workers = Workers()
+    async with _router(workers, mode="aggregated", prefill=[]) as (client, _):
+        for _ in range(2):
+            r = await client.post(
+                "/v1/completions", json={"prompt": "hi"}, headers={"x-request-id": "same"}
+            )
+            assert r.headers["x-request-id"] == "same"
+        r = await client.post(
+            "/v1/completions", json={"prompt": "hi"}, headers={"x-request-id": "bad id"}
+        )
+        assert r.headers["x-request-id"] != "bad id"
+        r = await client.post("/v1/completions", json={"prompt": "hi"})
+        generated = r.headers["x-request-id"]
+    upstream = [headers["x-request-id"] for _, _, headers in workers.seen]
+    assert upstream[0] != upstream[1]
+    assert upstream[0].startswith("same-")
+    assert upstream[3] == generated
