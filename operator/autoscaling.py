@@ -64,6 +64,7 @@ __all__ = [
     "RoleMetrics",
     "RoleState",
     "decide",
+    "kv_at_tpot_objective",
     "pressures",
     "run",
 ]
@@ -138,6 +139,20 @@ class PlannerSpec:
     kv_target: float = 0.8
     """KV-cache usage of a decode worker that counts as full (ratio 1): past it,
     vLLM starts queueing and preempting."""
+    lead: float = 0.0
+    """Seconds ahead to forecast rising KV usage and prompt load along their trend
+    over the window, so that workers are asked for before the pressure arrives:
+    about ``scale_up_stabilization`` plus the time a new worker takes to serve.
+    0 (the default) plans on what is measured only."""
+    tpot_headroom: float = 0.8
+    """Decode KV usage is held to this fraction of the usage at which TPOT would
+    reach its objective (see :func:`kv_at_tpot_objective`)."""
+    fit_samples: int = 40
+    """(KV usage, TPOT) ticks kept for that fit."""
+    fit_min_samples: int = 8
+    """Ticks needed before the fit is used."""
+    fit_min_spread: float = 0.03
+    """Standard deviation of KV usage the ticks must show before the fit is used."""
     scale_down_ratio: float = 0.7
     """A smaller pool is recommended only if every ratio, projected onto it, stays
     below this: the hysteresis band under ``1 + tolerance``."""
@@ -263,6 +278,10 @@ class RoleState:
     last_scale_down: float | None = None
     capacity: float | None = None
     """Learned prompt tokens/s a prefill worker sustains (prefill only)."""
+    trend: tuple[tuple[float, float | None, float | None], ...] = ()
+    """(time, total KV usage, prompt tokens/s) over the last window, for forecasts."""
+    samples: tuple[tuple[float, float], ...] = ()
+    """Recent (KV usage, TPOT) pairs (decode only), for :func:`kv_at_tpot_objective`."""
 
 
 @dataclass(frozen=True)
@@ -353,10 +372,24 @@ def _ms(seconds: float) -> str:
     return api.format_duration(seconds)
 
 
+def _ahead(spec: PlannerSpec, state: RoleState, index: int, value: float, now: float) -> float:
+    """``value`` extrapolated ``spec.lead`` seconds ahead along its rise over the
+    window (a fall is not extrapolated: scale-downs never act on a forecast)."""
+    if spec.lead <= 0:
+        return value
+    past = [(t, row[index]) for t, *row in state.trend if row[index] is not None]
+    if not past or now - past[0][0] < spec.settle / 2:
+        return value
+    t0, v0 = past[0]
+    assert v0 is not None
+    return value + max(0.0, (value - v0) / (now - t0)) * spec.lead
+
+
 def pressures(
-    spec: PlannerSpec, role: Role, inputs: RoleInputs, state: RoleState
+    spec: PlannerSpec, role: Role, inputs: RoleInputs, state: RoleState, now: float = 0.0
 ) -> tuple[Pressure, ...]:
-    """Every signal of ``role`` as a ratio to its target (see the module docstring)."""
+    """Every signal of ``role`` as a ratio to its target (see the module docstring);
+    KV usage and prompt load as forecast ``lead`` seconds ahead."""
     m = inputs.metrics
     if isinstance(m, MetricsUnavailable):
         return ()
@@ -386,35 +419,76 @@ def pressures(
                 Pressure("tpot", m.tpot, spec.tpot, m.tpot / spec.tpot, f"TPOT {pct} {_ms(m.tpot)}")
             )
         if m.kv_usage is not None:
-            out.append(
-                Pressure(
-                    "kv",
-                    m.kv_usage,
-                    spec.kv_target,
-                    m.kv_usage / spec.kv_target,
-                    f"KV usage {m.kv_usage:.0%}",
-                )
-            )
+            target = spec.kv_target
+            fitted = kv_at_tpot_objective(spec, state)
+            if fitted is not None:
+                target = max(0.01, min(target, spec.tpot_headroom * fitted))
+            # The trend is of the pool's total KV (load), not of the mean, which
+            # jumps whenever a worker comes or goes.
+            kv = _ahead(spec, state, 0, m.kv_usage * warm, now) / warm
+            text = f"KV usage {m.kv_usage:.0%}"
+            if kv > m.kv_usage + 0.005:
+                text += f" (rising: {kv:.0%} in {_ms(spec.lead)})"
+            out.append(Pressure("kv", kv, target, kv / target, text))
     if role == "prefill" and m.prompt_token_rate is not None:
         capacity = spec.prefill_capacity or state.capacity
         if capacity:
             target = capacity * spec.prefill_utilization * warm
-            out.append(
-                Pressure(
-                    "load",
-                    m.prompt_token_rate,
-                    target,
-                    m.prompt_token_rate / target,
-                    f"prompt load {m.prompt_token_rate:.0f} tok/s",
-                )
-            )
+            load = _ahead(spec, state, 1, m.prompt_token_rate, now)
+            text = f"prompt load {m.prompt_token_rate:.0f} tok/s"
+            if load > m.prompt_token_rate * 1.005:
+                text += f" (rising: {load:.0f} in {_ms(spec.lead)})"
+            out.append(Pressure("load", load, target, load / target, text))
     return tuple(out)
 
 
+def kv_at_tpot_objective(spec: PlannerSpec, state: RoleState) -> float | None:
+    """The mean KV usage at which TPOT would reach its objective, from a least-squares
+    line through recent (KV usage, TPOT) ticks; None until they span enough range.
+
+    A decode step reads the weights and every held KV token, so its time, and the
+    TPOT, grows about linearly with KV usage above a floor no replica count
+    removes: fitting that line turns KV usage, a proportional gauge, into the
+    leading signal for the TPOT objective."""
+    pairs = state.samples
+    if len(pairs) < spec.fit_min_samples:
+        return None
+    n = len(pairs)
+    mean_k = sum(k for k, _ in pairs) / n
+    mean_t = sum(t for _, t in pairs) / n
+    var_k = sum((k - mean_k) ** 2 for k, _ in pairs) / n
+    if var_k < spec.fit_min_spread**2:
+        return None
+    slope = sum((k - mean_k) * (t - mean_t) for k, t in pairs) / n / var_k
+    floor = mean_t - slope * mean_k
+    if slope <= 0 or floor >= spec.tpot:
+        return None
+    return (spec.tpot - floor) / slope
+
+
+def _remember_pair(spec: PlannerSpec, inputs: RoleInputs, state: RoleState) -> RoleState:
+    m = inputs.metrics
+    if isinstance(m, MetricsUnavailable) or m.kv_usage is None or m.tpot is None or inputs.warm < 1:
+        return state
+    return replace(state, samples=(*state.samples, (m.kv_usage, m.tpot))[-spec.fit_samples :])
+
+
+def _remember_trend(
+    spec: PlannerSpec, inputs: RoleInputs, state: RoleState, now: float
+) -> RoleState:
+    m = inputs.metrics
+    if isinstance(m, MetricsUnavailable) or inputs.warm < 1:
+        return state
+    kv = m.kv_usage * inputs.warm if m.kv_usage is not None else None
+    kept = tuple(row for row in state.trend if row[0] >= now - spec.settle - _EPSILON)
+    return replace(state, trend=(*kept, (now, kv, m.prompt_token_rate)))
+
+
 def _learn_capacity(spec: PlannerSpec, inputs: RoleInputs, state: RoleState) -> float | None:
-    """Prompt tokens/s per worker, learned from saturated windows (a queue past
-    its target means the workers ran flat out), and raised whenever a worker is
-    seen doing more without saturating."""
+    """Prompt tokens/s a prefill worker sustains within the TTFT objective: the
+    load per worker seen when TTFT went past the objective or the queue past its
+    target (averaged with what was known), raised whenever a worker is seen
+    doing more without either."""
     m = inputs.metrics
     if (
         spec.prefill_capacity is not None
@@ -425,7 +499,9 @@ def _learn_capacity(spec: PlannerSpec, inputs: RoleInputs, state: RoleState) -> 
     ):
         return state.capacity
     per_worker = m.prompt_token_rate / inputs.warm
-    saturated = m.queue_depth >= spec.target_queue_per_replica * inputs.warm
+    saturated = m.queue_depth >= spec.target_queue_per_replica * inputs.warm or (
+        m.ttft is not None and m.ttft > spec.ttft
+    )
     if saturated:
         return per_worker if state.capacity is None else 0.5 * (state.capacity + per_worker)
     if state.capacity is not None and per_worker > state.capacity:
@@ -447,6 +523,13 @@ class _Recommendation:
     """The signal that decided."""
 
 
+def _threshold(spec: PlannerSpec, p: Pressure) -> float:
+    """The ratio past which a signal asks for more: latency objectives at once (a
+    percentile over the objective is already a miss), proportional signals past
+    the tolerance."""
+    return 1.0 if p.signal in ("ttft", "tpot") else 1 + spec.tolerance
+
+
 def _recommend(
     spec: PlannerSpec, inputs: RoleInputs, signals: Sequence[Pressure], bounds: RoleBounds
 ) -> _Recommendation:
@@ -455,7 +538,9 @@ def _recommend(
     if not signals:
         return _Recommendation(current, current, None)
     top = max(signals, key=lambda p: p.ratio)
-    if top.ratio > 1 + spec.tolerance:
+    breaching = [p for p in signals if p.ratio > _threshold(spec, p)]
+    if breaching:
+        top = max(breaching, key=lambda p: p.ratio)
         wanted = math.ceil(max(warm, 1) * top.ratio - _EPSILON)
         # Under pressure never recommend fewer than there are (some may be on the way).
         return _Recommendation(bounds.clamp(max(wanted, current)), wanted, top)
@@ -555,7 +640,10 @@ def _decide_role(
 
     if role == "prefill":
         state = replace(state, capacity=_learn_capacity(spec, inputs, state))
-    signals = pressures(spec, role, inputs, state)
+    else:
+        state = _remember_pair(spec, inputs, state)
+    state = _remember_trend(spec, inputs, state, now)
+    signals = pressures(spec, role, inputs, state, now)
 
     # Scale from zero: no worker to measure, but requests are waiting for one.
     if current == 0:
@@ -597,7 +685,7 @@ def _decide_role(
         if rec.wanted > bounds.max and to == bounds.max:
             limit = "max"
         return _decision(role, current, to, why, rec, limit), replace(state, last_scale_up=now)
-    if rec.top is not None and rec.top.ratio > 1 + spec.tolerance:
+    if rec.top is not None and rec.top.ratio > _threshold(spec, rec.top):
         # More is wanted, but the bound or the workers on their way already cover it.
         if rec.wanted > bounds.max and current >= bounds.max:
             return _decision(role, current, current, f"{why}; at replicas.max", rec, "max"), state

@@ -84,7 +84,9 @@ CASES = [
          reason="prefill 2→4: TTFT p90 820ms > 500ms"),
     Case("ttft-breach-not-yet-lasted", 15, prefill=role(2, ttft=0.7), expect_prefill=2,
          reason="prefill holds at 2: TTFT p90 700ms > 500ms for 15s of 30s"),
-    Case("ttft-within-tolerance", 60, prefill=role(2, ttft=0.54), expect_prefill=2,
+    Case("objectives-have-no-tolerance", 30, prefill=role(2, ttft=0.52), expect_prefill=3,
+         reason="prefill 2→3: TTFT p90 520ms > 500ms"),
+    Case("ttft-on-objective", 60, prefill=role(2, ttft=0.5), expect_prefill=2,
          reason="on target"),
     Case("prefill-queue-scales-up", 30, prefill=role(2, ttft=0.3, queue_depth=12),
          expect_prefill=3, reason="queue 12 (target 8)"),
@@ -335,3 +337,57 @@ def test_from_api() -> None:
 def test_pure_same_inputs_same_plan() -> None:
     first, second = hold(300, prefill=role(3, ttft=0.9)), hold(300, prefill=role(3, ttft=0.9))
     assert first == second
+
+
+def test_kv_target_follows_the_tpot_line() -> None:
+    # TPOT = 8ms + 30ms * KV usage: the objective (50ms) is reached at 140% KV, so the
+    # fit does not bind; with a 20ms objective it is reached at 40% (target 32%).
+    pairs = tuple((k / 20, 0.008 + 0.030 * k / 20) for k in range(10))
+    state = a.RoleState(samples=pairs)
+    assert a.kv_at_tpot_objective(SPEC, state) == pytest.approx(1.4)
+    tight = replace(SPEC, tpot=0.02)
+    assert a.kv_at_tpot_objective(tight, state) == pytest.approx(0.4)
+    (kv,) = [
+        p for p in a.pressures(tight, "decode", role(2, kv_usage=0.4), state) if p.signal == "kv"
+    ]
+    assert kv.target == pytest.approx(0.32)
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        (),  # nothing yet
+        tuple((0.3, 0.02) for _ in range(10)),  # no spread in KV usage
+        tuple((k / 20, 0.03 - k / 1000) for k in range(10)),  # TPOT falls with KV: noise
+    ],
+)
+def test_kv_fit_needs_evidence(pairs: tuple[tuple[float, float], ...]) -> None:
+    assert a.kv_at_tpot_objective(SPEC, a.RoleState(samples=pairs)) is None
+
+
+def test_lead_forecasts_rising_kv() -> None:
+    spec = replace(SPEC, lead=90, settle=60)
+    plans = a.run(
+        spec, [(t, a.Inputs(decode=role(2, kv_usage=0.2 + t / 300))) for t in (0, 15, 30)]
+    )
+    assert plans[-1].decode.reason.startswith(
+        "decode holds at 2: KV usage 30% (rising: 60% in 1.5m)"
+    )
+    # The same rise without a lead is no pressure at all.
+    plans = a.run(
+        SPEC, [(t, a.Inputs(decode=role(2, kv_usage=0.2 + t / 300))) for t in (0, 15, 30)]
+    )
+    assert "rising" not in plans[-1].decode.reason
+
+
+def test_lead_never_forecasts_a_fall() -> None:
+    spec = replace(SPEC, lead=90, settle=60)
+    plans = a.run(
+        spec, [(t, a.Inputs(decode=role(2, kv_usage=0.6 - t / 300))) for t in (0, 15, 30, 45)]
+    )
+    assert "rising" not in plans[-1].decode.reason
+
+
+def test_ttft_breach_teaches_prefill_capacity() -> None:
+    plan = hold(0, prefill=role(3, ttft=0.6, prompt_token_rate=90_000))
+    assert plan.state.prefill.capacity == pytest.approx(30_000)
