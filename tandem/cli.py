@@ -96,7 +96,18 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
     """A subcommand implemented by another module's ``main(argv)``."""
 
     def run(args: argparse.Namespace) -> int:
-        main: Callable[[list[str]], int] = importlib.import_module(module).main
+        try:
+            main: Callable[[list[str]], int] = importlib.import_module(module).main
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] == "tandem":
+                raise
+            extra = _EXTRAS.get(module, "dev")
+            print(
+                f"tandem: this command needs {exc.name!r}, which is not installed: "
+                f"pip install 'tandem[{extra}]'",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         return main(list(args.rest))
 
     return run
@@ -143,6 +154,14 @@ _DELEGATED: list[tuple[str, str, str]] = [
     ("emulate", "tandem.workers.emulator.cli", "run the engine emulator (speaks vLLM's API)"),
 ]
 """(subcommand, module with ``main(argv)``, help) for commands with their own parsers."""
+
+_EXTRAS = {
+    "tandem.local": "router,emulator",
+    "tandem.router.cli": "router",
+    "tandem.operator.cli": "operator",
+    "tandem.workers.emulator.cli": "emulator",
+}
+"""The extra that brings each delegated command's dependencies."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
