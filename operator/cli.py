@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import kopf
 
-from . import api, client, controller, handlers, health, leader, planning
+from . import api, autoscaler, client, controller, handlers, health, leader, planning
 from .settings import LeaderElectionSettings, OperatorSettings
 
 logger = logging.getLogger("tandem.operator")
@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.resync_interval,
         metavar="SECONDS",
         help="drift check of each pool every this many seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="Prometheus HTTP API scraping the workers, for the autoscaler "
+        "(default: none, and the autoscaler is off)",
+    )
+    p.add_argument(
+        "--prometheus-timeout",
+        type=float,
+        default=autoscaler.AutoscalerSettings().prometheus_timeout,
+        metavar="SECONDS",
+        help="seconds each Prometheus query may take (default: %(default)s)",
     )
     p.add_argument("--health-host", default=d.health_host, help="default: %(default)s")
     p.add_argument(
@@ -123,6 +136,17 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
     )
 
 
+def autoscaler_settings_from(args: argparse.Namespace) -> autoscaler.AutoscalerSettings:
+    url = args.prometheus_url or None
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ValueError("--prometheus-url must be an http:// or https:// URL")
+    if args.prometheus_timeout <= 0:
+        raise ValueError("--prometheus-timeout must be positive")
+    return autoscaler.AutoscalerSettings(
+        prometheus_url=url, prometheus_timeout=args.prometheus_timeout
+    )
+
+
 def _configure_logging(level: str, fmt: str) -> None:
     formats = {"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,
                "json": kopf.LogFormat.JSON}  # fmt: skip
@@ -145,11 +169,12 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     try:
         settings = settings_from(args)
+        scaling = autoscaler_settings_from(args)
     except ValueError as exc:
         parser.error(str(exc))
     _configure_logging(args.log_level, args.log_format)
     try:
-        return asyncio.run(run(settings))
+        return asyncio.run(run(settings, scaling))
     except KeyboardInterrupt:
         return EXIT_FAILED
 
@@ -164,7 +189,9 @@ def _lease_namespace(settings: LeaderElectionSettings, creds: client.Credentials
     )
 
 
-async def run(settings: OperatorSettings) -> int:
+async def run(
+    settings: OperatorSettings, scaling: autoscaler.AutoscalerSettings | None = None
+) -> int:
     from kubernetes.config import ConfigException
 
     try:
@@ -221,7 +248,16 @@ async def run(settings: OperatorSettings) -> int:
 
         registry = kopf.OperatorRegistry()
         ctl = controller.Controller(kube, settings.plan)
-        handlers.register(registry, ctl, settings, creds)
+        scaling = scaling or autoscaler.AutoscalerSettings()
+        if scaling.enabled:
+            logger.info("Autoscaler on: signals from Prometheus at %s", scaling.prometheus_url)
+        else:
+            logger.warning(
+                "Autoscaler off: no --prometheus-url; worker replicas stay as they are "
+                "(each pool says so in its MetricsAvailable condition)"
+            )
+        scaler = autoscaler.Autoscaler(kube, scaling.source())
+        handlers.register(registry, ctl, settings, creds, scaler)
         kopf_task = asyncio.create_task(
             kopf.operator(
                 registry=registry,

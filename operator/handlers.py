@@ -5,7 +5,9 @@
 - an index of the pools, and watch events of every child kind: a child deleted,
   edited by hand or whose Deployment status moved triggers its pool's reconcile
   at once (the decision whether to is pure: :func:`.reconcile.child_trigger`);
-- login: the same credentials as the controller's API client.
+- login: the same credentials as the controller's API client;
+- a daemon per pool, when an :class:`~.autoscaler.Autoscaler` is given: its
+  ticks, every ``spec.autoscaling.interval``.
 
 Everything is registered on a registry passed in (no module-level state), and
 handler ids are pinned, since kopf stores progress under them.
@@ -14,12 +16,12 @@ handler ids are pinned, since kopf stores progress under them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import kopf
 
-from . import api, client, controller, kinds, planning, reconcile, validation
+from . import api, autoscaler, client, controller, kinds, planning, reconcile, validation
 from .settings import OperatorSettings
 
 KOPF_PREFIX = "kopf.tandem.dev"
@@ -98,6 +100,7 @@ def register(
     ctl: controller.Controller,
     settings: OperatorSettings,
     creds: client.Credentials,
+    scaler: autoscaler.Autoscaler | None = None,
 ) -> None:
     group, version, plural = api.GROUP, api.VERSION, api.PLURAL
 
@@ -125,6 +128,17 @@ def register(
     async def resync(body: kopf.Body, **_: Any) -> None:
         # Errors are not raised: the next tick is the retry.
         post(body, await ctl.reconcile(body))
+
+    if scaler is not None:
+
+        @kopf.daemon(
+            group, version, plural, id="autoscale", cancellation_timeout=10, registry=registry
+        )
+        async def autoscale(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+            def post_notices(notices: Sequence[controller.Notice]) -> None:
+                post(body, controller.Report(notices=list(notices), status_written=True))
+
+            await scaler.run(body, stopped, post_notices)
 
     @kopf.on.delete(group, version, plural, id="forget", optional=True, registry=registry)
     async def forget(namespace: str | None, name: str | None, **_: Any) -> None:

@@ -167,6 +167,8 @@ MATRIX: dict[str, list[str]] = {
         "--set-string", "operator.env[0].value=1",
         "--set", "serviceAccount.annotations.owner=ml",
         "--set", "podDisruptionBudget.enabled=false",
+        "--set", "autoscaling.prometheusUrl=http://prometheus.monitoring:9090",
+        "--set", "autoscaling.prometheusTimeout=3",
     ],
 }  # fmt: skip
 
@@ -216,7 +218,9 @@ def test_render_is_accepted_by_the_api_server(
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     # The rendered arguments are ones the operator's own parser accepts.
     args = [a.replace("$(POD_NAME)", "pod-0") for a in container["args"]]
-    settings = operator_cli.settings_from(operator_cli.build_parser().parse_args(args))
+    parsed = operator_cli.build_parser().parse_args(args)
+    settings = operator_cli.settings_from(parsed)
+    operator_cli.autoscaler_settings_from(parsed)
     assert settings.health_port == container["ports"][0]["containerPort"]
 
 
@@ -228,6 +232,8 @@ def test_everything_set_is_rendered(helm: Helm) -> None:
     assert container["image"] == "ghcr.io/tandem-dev/tandem@sha256:" + "a" * 64
     assert "--router-image=registry.example/router:1" in container["args"]
     assert "--lease-name=my-lease" in container["args"]
+    assert "--prometheus-url=http://prometheus.monitoring:9090" in container["args"]
+    assert "--prometheus-timeout=3" in container["args"]
     assert pod["nodeSelector"] == {"pool": "system"}
     assert pod["imagePullSecrets"] == [{"name": "registry"}]
     assert deployment["metadata"]["name"] == "tandem-ctl-operator"
@@ -280,6 +286,7 @@ def test_cluster_role_is_exactly_what_the_operator_does(helm: Helm) -> None:
         (["--set", "operator.logLevel=loud"], "logLevel"),
         (["--set", "operator.watchNamespaces={Not_A_Namespace}"], "watchNamespaces"),
         (["--set", "image.digest=latest"], "digest"),
+        (["--set", "autoscaling.prometheusUrl=prometheus:9090"], "prometheusUrl"),
         (["--set", "operator.env[0].name=X", "--set", "operator.env[0].value=1"], "value"),
     ],
 )

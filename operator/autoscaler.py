@@ -1,0 +1,583 @@
+"""The autoscaler: the I/O shell around :func:`.autoscaling.decide`.
+
+One kopf daemon per pool (handler id ``autoscale``; a daemon rather than a timer
+because the period is the pool's own ``spec.autoscaling.interval``, re-read
+before every sleep, while a kopf timer's interval is fixed at registration).
+Each tick:
+
+1. reads the pool's worker Deployments (``spec.replicas``, ``status.readyReplicas``);
+2. reads the signals from Prometheus (:mod:`.metrics_source`), which also tells
+   which workers are still warming up (their scrape target is younger than
+   ``warmup``), so no Pod has to be read;
+3. calls ``decide(spec, inputs, state, now)`` with the state of the last tick;
+4. writes each changed size by server-side apply of ``{"spec": {"replicas": n}}``
+   on the Deployment, field manager ``tandem-autoscaler`` (the manager the
+   operator hands ``spec.replicas`` to right after creating a worker);
+5. applies its part of the pool's status to the status subresource under the
+   same field manager: per role ``lastDecision``, ``observed`` latencies and
+   queue, and the conditions ``MetricsAvailable`` and ``ScalingLimited``
+   (conditions are a map keyed by type, so the operator's Ready, Progressing and
+   Degraded are never touched); ``desiredReplicas`` stays the operator's (it
+   mirrors the Deployment's ``spec.replicas``);
+6. returns the Events to post: one per size change, with the planner's reason
+   ("prefill 2→3: TTFT p90 820ms > 500ms"), and a warning when metrics go missing.
+
+``policy: external`` runs the same tick, but the planner decides nothing and
+nothing is written to a Deployment. Missing metrics (Prometheus down, a metric
+not exposed, no worker scraped) make the planner hold every size; the pool then
+says ``MetricsAvailable=False`` with the reason. Without a Prometheus URL the
+autoscaler is off: each pool says so once (``MetricsAvailable=False``,
+``AutoscalerDisabled``) and its replicas stay where they are.
+
+**State.** The planner's memory (:class:`~.autoscaling.PlannerState`) lives in
+this process, per pool. After a restart or a leader change it is rebuilt from
+the status: the times of the last scale-up and scale-down come from the roles'
+``lastDecision`` (so cooldowns still hold), while the history of
+recommendations starts empty, so a scale needs its whole stabilization window
+of evidence again. That errs on the side of holding; nothing else is persisted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import (
+    api,
+    applying,
+    autoscaling,
+    client,
+    controller,
+    kinds,
+    metrics_source,
+    planning,
+    validation,
+)
+
+__all__ = [
+    "FIELD_MANAGER",
+    "Autoscaler",
+    "AutoscalerSettings",
+    "Tick",
+    "disabled_status",
+    "metrics_reason",
+    "restore",
+    "status",
+]
+
+FIELD_MANAGER = applying.AUTOSCALER_FIELD_MANAGER
+CONDITIONS = ("MetricsAvailable", "ScalingLimited")
+DEFAULT_INTERVAL = 15.0
+
+_log = logging.getLogger(__name__)
+
+K8sObject = dict[str, Any]
+Clock = Callable[[], datetime.datetime]
+
+
+@dataclass(frozen=True)
+class AutoscalerSettings:
+    """Where the signals come from (``tandem operator --prometheus-url``)."""
+
+    prometheus_url: str | None = None
+    """Base URL of the Prometheus HTTP API; None: the autoscaler is off."""
+    prometheus_timeout: float = 5.0
+    """Seconds each query may take."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prometheus_url)
+
+    def source(self) -> metrics_source.Source | None:
+        if not self.prometheus_url:
+            return None
+        return metrics_source.Source(
+            metrics_source.SourceSettings(
+                url=self.prometheus_url.rstrip("/"), timeout=self.prometheus_timeout
+            )
+        )
+
+
+class KubeApi(Protocol):
+    """The calls the autoscaler makes (:class:`.client.Kube` has them)."""
+
+    async def find(
+        self, resource: kinds.Resource, namespace: str | None, name: str
+    ) -> K8sObject | None: ...
+
+    async def apply(
+        self,
+        obj: Mapping[str, Any],
+        *,
+        field_manager: str,
+        force: bool = False,
+        subresource: str | None = None,
+    ) -> K8sObject: ...
+
+
+class Stopped(Protocol):
+    """kopf's daemon flag: truthy once the daemon should stop."""
+
+    def __bool__(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> Awaitable[Any]: ...
+
+
+class SignalSource(Protocol):
+    """Where readings come from (:class:`.metrics_source.Source` is one)."""
+
+    async def read_pool(
+        self,
+        spec: autoscaling.PlannerSpec,
+        pool: str,
+        roles: tuple[autoscaling.Role, ...],
+        *,
+        window: float,
+        warmup: float,
+        namespace: str | None = None,
+    ) -> dict[autoscaling.Role, metrics_source.Reading]: ...
+
+
+# ---------------------------------------------------------------------------
+# Pure: state and status
+
+
+def _parse_time(text: Any) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def restore(status: Mapping[str, Any]) -> autoscaling.PlannerState:
+    """The planner's state after a restart: the last scale times from ``lastDecision``."""
+    roles: dict[str, autoscaling.RoleState] = {}
+    for role in ("prefill", "decode"):
+        last = ((status.get(role) or {}).get("lastDecision")) or {}
+        at = _parse_time(last.get("time"))
+        before, after = last.get("fromReplicas"), last.get("toReplicas")
+        state = autoscaling.RoleState()
+        if at is not None and isinstance(before, int) and isinstance(after, int):
+            if after > before:
+                state = dataclasses.replace(state, last_scale_up=at)
+            elif after < before:
+                state = dataclasses.replace(state, last_scale_down=at)
+        roles[role] = state
+    return autoscaling.PlannerState(prefill=roles["prefill"], decode=roles["decode"])
+
+
+def metrics_reason(why: str) -> str:
+    """A CamelCase condition reason for a :class:`~.autoscaling.MetricsUnavailable` text."""
+    if why.startswith("Prometheus unreachable"):
+        return "PrometheusUnreachable"
+    if why.startswith("Prometheus refused"):
+        return "QueryFailed"
+    if why.startswith("no ") and "scraped" in why:
+        return "NoTargets"
+    if "not exposed" in why:
+        return "MetricsMissing"
+    return "MetricsUnavailable"
+
+
+_LIMIT_REASONS: Mapping[str, str] = {
+    "max": "AtMaxReplicas",
+    "min": "AtMinReplicas",
+    "step": "StepLimited",
+    "gpu-budget": "GpuBudget",
+}
+
+
+def _condition(
+    type_: str,
+    ok: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    previous: Sequence[Mapping[str, Any]],
+    now: str,
+) -> dict[str, Any]:
+    cond: dict[str, Any] = {
+        "type": type_,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
+    old = next((c for c in previous if c.get("type") == type_), None)
+    same = old is not None and old.get("status") == cond["status"]
+    cond["lastTransitionTime"] = (old or {}).get("lastTransitionTime") if same else None
+    cond["lastTransitionTime"] = cond["lastTransitionTime"] or now
+    return cond
+
+
+def _kept_decisions(previous: Mapping[str, Any]) -> dict[str, Any]:
+    # Fields this manager stops applying are removed by the API server: the last
+    # decisions are sent again with every write.
+    out: dict[str, Any] = {}
+    for role in ("prefill", "decode"):
+        last = (previous.get(role) or {}).get("lastDecision")
+        if last:
+            out[role] = {"lastDecision": dict(last)}
+    return out
+
+
+def disabled_status(generation: int, previous: Mapping[str, Any], now: str) -> dict[str, Any]:
+    """What a pool says when the operator runs without Prometheus."""
+    message = (
+        "the operator runs without --prometheus-url (chart value autoscaling.prometheusUrl): "
+        "autoscaling is off and worker replicas stay as they are"
+    )
+    conds = previous.get("conditions") or []
+    return {
+        **_kept_decisions(previous),
+        "conditions": [
+            _condition(
+                "MetricsAvailable", False, "AutoscalerDisabled", message, generation, conds, now
+            )
+        ],
+    }
+
+
+def _observed(
+    readings: Mapping[autoscaling.Role, metrics_source.Reading],
+) -> dict[str, Any]:
+    def value(role: autoscaling.Role, signal: str) -> float | None:
+        reading = readings.get(role)
+        if reading is None or isinstance(reading.metrics, autoscaling.MetricsUnavailable):
+            return None
+        got = getattr(reading.metrics, signal)
+        return None if got is None else float(got)
+
+    ttft = value("prefill", "ttft")
+    if ttft is None:
+        ttft = value("decode", "ttft")
+    tpot = value("decode", "tpot")
+    queues = [value(r, "queue_depth") for r in readings]
+    out: dict[str, Any] = {}
+    if ttft is not None:
+        out.update(ttft=api.format_duration(ttft), ttftSeconds=round(ttft, 4))
+    if tpot is not None:
+        out.update(tpot=api.format_duration(tpot), tpotSeconds=round(tpot, 4))
+    if queues and all(q is not None for q in queues):
+        out["queueDepth"] = round(sum(q for q in queues if q is not None), 3)
+    return out
+
+
+def status(
+    plan: autoscaling.Plan,
+    readings: Mapping[autoscaling.Role, metrics_source.Reading],
+    generation: int,
+    previous: Mapping[str, Any],
+    now: str,
+) -> dict[str, Any]:
+    """The fields of ``status`` the autoscaler owns, after a tick."""
+    out = _kept_decisions(previous)
+    for d in plan.decisions:
+        if d.changed and d.replicas is not None:
+            reason = d.reason.split(": ", 1)[1] if ": " in d.reason else d.reason
+            out[d.role] = {
+                "lastDecision": {
+                    "time": now,
+                    "fromReplicas": d.current,
+                    "toReplicas": d.replicas,
+                    "reason": reason,
+                }
+            }
+    conds = previous.get("conditions") or []
+    missing = [
+        f"{role}: {r.metrics.reason}"
+        for role, r in readings.items()
+        if isinstance(r.metrics, autoscaling.MetricsUnavailable)
+    ]
+    if missing:
+        first = next(
+            r.metrics.reason
+            for r in readings.values()
+            if isinstance(r.metrics, autoscaling.MetricsUnavailable)
+        )
+        available = _condition(
+            "MetricsAvailable", False, metrics_reason(first),
+            "; ".join(missing) + "; holding the current replicas", generation, conds, now,
+        )  # fmt: skip
+    else:
+        seen = ", ".join(f"{role} {r.warm}/{r.targets} warm" for role, r in readings.items())
+        available = _condition(
+            "MetricsAvailable", True, "Measured", f"workers scraped: {seen}", generation, conds, now
+        )
+    limited = [d for d in plan.decisions if d.limited_by is not None]
+    if limited:
+        d = limited[0]
+        assert d.limited_by is not None
+        scaling = _condition(
+            "ScalingLimited", True, _LIMIT_REASONS[d.limited_by],
+            "; ".join(x.reason for x in limited), generation, conds, now,
+        )  # fmt: skip
+    else:
+        scaling = _condition("ScalingLimited", False, "WithinBounds", "", generation, conds, now)
+    out["conditions"] = [available, scaling]
+    observed = _observed(readings)
+    if observed:
+        out["observed"] = observed
+    return out
+
+
+def notices(
+    plan: autoscaling.Plan, wanted: Mapping[str, Any], previous: Mapping[str, Any]
+) -> list[controller.Notice]:
+    """Events for a tick: each size change, and metrics going missing."""
+    out = [
+        controller.Notice(
+            "Normal", "ScaledUp" if d.action == "scale-up" else "ScaledDown", d.reason
+        )
+        for d in plan.decisions
+        if d.changed
+    ]
+    out += _metrics_notices(wanted, previous)
+    return out
+
+
+def _metrics_notices(
+    wanted: Mapping[str, Any], previous: Mapping[str, Any]
+) -> list[controller.Notice]:
+    def available(status: Mapping[str, Any]) -> Mapping[str, Any]:
+        conds = status.get("conditions") or []
+        return next((c for c in conds if c.get("type") == "MetricsAvailable"), {})
+
+    now, before = available(wanted), available(previous)
+    if now.get("status") == "False" and (
+        before.get("status") != "False" or before.get("reason") != now.get("reason")
+    ):
+        return [controller.Notice("Warning", str(now["reason"]), str(now["message"]))]
+    return []
+
+
+def _changed(wanted: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    for name, value in wanted.items():
+        if name == "conditions":
+            have = {c.get("type"): c for c in current.get("conditions") or []}
+            if any(
+                have.get(c["type"]) is None
+                or any(have[c["type"]].get(k) != v for k, v in c.items())
+                for c in value
+            ):
+                return True
+        elif isinstance(value, Mapping):
+            old = current.get(name)
+            if not isinstance(old, Mapping) or any(old.get(k) != v for k, v in value.items()):
+                return True
+            if name == "observed" and set(old) - set(value):
+                return True
+        elif current.get(name) != value:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------
+# I/O
+
+
+@dataclass
+class Tick:
+    """What one tick did."""
+
+    interval: float = DEFAULT_INTERVAL
+    """Seconds until the next tick (the pool's ``autoscaling.interval``)."""
+    plan: autoscaling.Plan | None = None
+    notices: list[controller.Notice] = field(default_factory=list)
+    status_written: bool = False
+    done: bool = False
+    """Nothing more to do for this pool (the autoscaler is off and said so)."""
+
+
+def _scale_object(deployment: Mapping[str, Any], replicas: int) -> K8sObject:
+    meta = deployment["metadata"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+        "spec": {"replicas": replicas},
+    }
+
+
+class Autoscaler:
+    """Ticks every pool; keeps each pool's planner state between ticks."""
+
+    def __init__(
+        self,
+        kube: KubeApi,
+        source: SignalSource | None,
+        *,
+        clock: Clock = controller.utc_now,
+        tunables: Mapping[str, float | None] | None = None,
+    ) -> None:
+        self._kube = kube
+        self._source = source
+        self._clock = clock
+        self._tunables = dict(tunables or {})
+        self._states: dict[tuple[str, str], autoscaling.PlannerState] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._source is not None
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._states.pop((namespace, name), None)
+
+    async def tick(self, body: Mapping[str, Any]) -> Tick:
+        """One tick for one pool (see the module docstring)."""
+        meta = body["metadata"]
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        logger = controller.PoolLogger(namespace, name)
+        previous: Mapping[str, Any] = body.get("status") or {}
+        generation = int(meta.get("generation") or 0)
+        now = self._clock()
+        stamp = controller.rfc3339(now)
+        if self._source is None:
+            wanted = disabled_status(generation, previous, stamp)
+            written = await self._write_status(body, wanted, previous, logger)
+            return Tick(status_written=written, done=written or not _changed(wanted, previous))
+        try:
+            pool = validation.parse_pool(body)
+        except validation.InvalidPoolError:
+            return Tick()  # the operator reports it; nothing to scale
+        interval = api.parse_duration(pool.spec.autoscaling.interval)
+        spec = autoscaling.PlannerSpec.from_api(pool.spec, **self._tunables)
+        roles = pool.roles()
+        found = await asyncio.gather(
+            *(
+                self._kube.find(kinds.DEPLOYMENTS, namespace, planning.name_of(pool, r))
+                for r in roles
+            )
+        )
+        deployments: dict[autoscaling.Role, K8sObject] = {}
+        for role, dep in zip(roles, found, strict=True):
+            if dep is None or applying.controller_uid(dep) != pool.metadata.uid:
+                logger.debug("Autoscaler: no %s Deployment of this pool yet", role)
+                return Tick(interval)
+            deployments[role] = dep
+        a = pool.spec.autoscaling
+        readings = await self._source.read_pool(
+            spec,
+            pool.name,
+            roles,
+            window=api.parse_duration(a.window),
+            warmup=api.parse_duration(a.warmup),
+            namespace=namespace,
+        )
+
+        def inputs(role: autoscaling.Role) -> autoscaling.RoleInputs:
+            dep = deployments[role]
+            replicas = int((dep.get("spec") or {}).get("replicas", 1))
+            ready = int((dep.get("status") or {}).get("readyReplicas") or 0)
+            return readings[role].inputs(replicas, ready)
+
+        key = (namespace, name)
+        state = self._states.get(key) or restore(previous)
+        plan = autoscaling.decide(
+            spec,
+            autoscaling.Inputs(
+                decode=inputs("decode"),
+                prefill=inputs("prefill") if "prefill" in deployments else None,
+            ),
+            state,
+            now.timestamp(),
+        )
+        result = Tick(interval, plan)
+        kept = plan.state
+        for d in plan.decisions:
+            if d.changed and d.replicas is not None:
+                try:
+                    await self._kube.apply(
+                        _scale_object(deployments[d.role], d.replicas),
+                        field_manager=FIELD_MANAGER,
+                        force=True,
+                    )
+                except client.ApiError as exc:
+                    message = f"Cannot scale {d.role} to {d.replicas}: {exc}"
+                    logger.error("%s", message)
+                    result.notices.append(controller.Notice("Warning", "ScaleFailed", message))
+                    # It did not happen: no cooldown, and the decision is not recorded.
+                    held = dataclasses.replace(d, replicas=d.current, action="hold")
+                    if d.role == "prefill":
+                        kept = dataclasses.replace(kept, prefill=state.prefill)
+                        plan = dataclasses.replace(plan, prefill=held)
+                    else:
+                        kept = dataclasses.replace(kept, decode=state.decode)
+                        plan = dataclasses.replace(plan, decode=held)
+                    continue
+                logger.info("%s", d.reason)
+            else:
+                logger.debug("%s", d.reason)
+        self._states[key] = kept
+        result.plan = plan
+        wanted = status(plan, readings, generation, previous, stamp)
+        result.notices += notices(plan, wanted, previous)
+        for notice in result.notices:
+            if notice.type == "Warning" and notice.reason != "ScaleFailed":
+                logger.warning("%s", notice.message)
+        result.status_written = await self._write_status(body, wanted, previous, logger)
+        return result
+
+    async def _write_status(
+        self,
+        body: Mapping[str, Any],
+        wanted: Mapping[str, Any],
+        previous: Mapping[str, Any],
+        logger: controller.Logger,
+    ) -> bool:
+        if not _changed(wanted, previous):
+            return False
+        meta = body["metadata"]
+        obj = {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")},
+            "status": dict(wanted),
+        }
+        try:
+            await self._kube.apply(
+                obj, field_manager=FIELD_MANAGER, force=True, subresource="status"
+            )
+        except client.ApiError as exc:
+            logger.warning("Autoscaler: cannot write the status: %s", exc)
+            return False
+        return True
+
+    async def run(
+        self,
+        body: Mapping[str, Any],
+        stopped: Stopped,
+        post: Callable[[Sequence[controller.Notice]], None],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """The daemon of one pool: tick, post, sleep the pool's interval; until stopped.
+
+        ``body`` is kopf's live view of the pool (updated in place as it changes);
+        ``stopped`` is kopf's daemon flag (truthy once stopping, ``wait(timeout)``).
+        """
+        meta = body["metadata"]
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        logger = controller.PoolLogger(namespace, name)
+        try:
+            while not stopped:
+                started = monotonic()
+                try:
+                    result = await self.tick(body)
+                except client.ApiError as exc:
+                    logger.warning("Autoscaler: %s", exc)
+                    result = Tick()
+                if result.notices:
+                    post(result.notices)
+                if result.done:
+                    return
+                await stopped.wait(max(0.0, result.interval - (monotonic() - started)))
+        finally:
+            self.forget(namespace, name)
