@@ -536,3 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     except LocalModeError as exc:
         print(f"tandem up: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from tandem.workers import launcher
+
+        if not isinstance(exc, launcher.WorkerError):
+            raise
+        print(f"tandem up: {exc}", file=sys.stderr)
+        return 1

@@ -14,7 +14,11 @@ pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_tandem_up_streams_a_real_disaggregated_request(tmp_path: Path) -> None:
+def test_tandem_up_streams_a_real_disaggregated_request(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Short: vLLM's unix sockets live under the run dir (sun_path is 107 bytes).
+    tmp_path = tmp_path_factory.mktemp("up")
     env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "tandem.cli", "up", "examples/tiny.yaml", "--exit-after-demo",
