@@ -37,7 +37,6 @@ METRIC_TYPES: Mapping[str, str] = types.MappingProxyType(
         "vllm:prompt_tokens": "counter",
         "vllm:prompt_tokens_by_source": "counter",
         "vllm:prompt_tokens_cached": "counter",
-        "vllm:prompt_tokens_recomputed": "counter",
         "vllm:generation_tokens": "counter",
         "vllm:request_success": "counter",
         # Histograms of counts.
@@ -206,9 +205,6 @@ class EngineMetrics:
         self.prompt_tokens_cached = counter(
             "vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external)."
         )
-        self.prompt_tokens_recomputed = counter(
-            "vllm:prompt_tokens_recomputed", "Number of cached tokens recomputed for forward pass."
-        )
         self.generation_tokens = counter(
             "vllm:generation_tokens", "Number of generation tokens processed."
         )
@@ -355,7 +351,6 @@ class EngineMetrics:
         self.prompt_tokens_by_source["local_compute"].inc(prompt.local_compute)
         self.prompt_tokens_by_source["external_kv_transfer"].inc(prompt.external_kv_transfer)
         self.prompt_tokens_cached.inc(prompt.external_kv_transfer - prompt.recomputed)
-        self.prompt_tokens_recomputed.inc(prompt.recomputed)
 
     def _record_finished(self, f: scheduling.FinishedRequest) -> None:
         self.request_success[f.reason].inc()
