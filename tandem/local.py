@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -332,7 +332,10 @@ class LocalPool:
     pool: api.InferencePool
     url: str
     workers: dict[str, list[Worker]]
-    set_endpoints: object
+    set_endpoints: Callable[[WorkerRole, Sequence[str]], None]
+    """Replace one role's workers in the router (the autoscaler calls it)."""
+    spawn: Callable[[WorkerRole, int], Worker] | None = None
+    """Builds (does not start) the ``index``-th worker of a role, on a free port."""
 
     async def snapshot(self, client: httpx.AsyncClient) -> Snapshot:
         q = self.pool.spec.slo.percentile / 100
@@ -389,10 +392,19 @@ async def running(pool: api.InferencePool, settings: LocalSettings) -> AsyncIter
             maxQueuedRequests=pool.spec.router.max_queued_requests,
             poolName=pool.name,
         )
+
+        def spawn(role: WorkerRole, index: int) -> Worker:
+            [port] = _free_ports(1)
+            cpus = cpu_sets(index + 1, settings.cores)[index] if settings.cores else None
+            plan = WorkerPlan(role, f"{role}-{index}", port, cpus)
+            return build_worker(pool, plan, settings, model)
+
         async with server.serving(config, host=settings.host, port=settings.port) as (url, app):
-            yield LocalPool(pool, url, workers, app.set_endpoints)
+            yield LocalPool(pool, url, workers, app.set_endpoints, spawn)
     finally:
-        await asyncio.gather(*(w.stop() for w in every), return_exceptions=True)
+        # Every worker: those started here, and any an autoscaler added since.
+        current = [w for ws in workers.values() for w in ws if w not in every]
+        await asyncio.gather(*(w.stop() for w in [*every, *current]), return_exceptions=True)
 
 
 # ---------------------------------------------------------------------------
@@ -458,7 +470,7 @@ async def _serve(
     print(f"tandem up: {pool_spec.name} ({pool_spec.spec.mode}, engine {settings.engine}) — starting "
           f"{' and '.join(pool_spec.roles())} workers, logs in {settings.run_dir}/", flush=True)  # fmt: skip
     started = time.monotonic()
-    async with running(pool_spec, settings) as pool:
+    async with running(pool_spec, settings) as pool, _autoscaling(pool, settings, args):
         served = pool_spec.spec.model.effective_served_name
         print(
             f"ready in {time.monotonic() - started:.0f}s: {pool.url}/v1 (model {served!r})",
@@ -492,6 +504,36 @@ async def _serve(
     return 0
 
 
+@contextlib.asynccontextmanager
+async def _autoscaling(
+    pool: LocalPool, settings: LocalSettings, args: argparse.Namespace
+) -> AsyncIterator[None]:
+    """With ``--autoscale``: the planner sizes the roles while the pool runs."""
+    if not args.autoscale or pool.spawn is None:
+        yield
+        return
+    from tandem import local_scaling
+
+    tty = sys.stdout.isatty()
+
+    def out(line: str) -> None:
+        print(("\r\x1b[K" if tty else "") + line, flush=True)
+
+    scaler = local_scaling.LocalAutoscaler(
+        pool, pool.spawn, out, startup_timeout_s=settings.startup_timeout_s
+    )
+    a = pool.pool.spec.autoscaling
+    out(f"autoscale: policy {a.policy}, every {a.interval}, signals from the workers' /metrics "
+        f"(window {a.window}, warm-up {a.warmup})")  # fmt: skip
+    done = asyncio.Event()
+    task = asyncio.create_task(scaler.run(done), name="autoscale")
+    try:
+        yield
+    finally:
+        done.set()
+        await task
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem up", description=__doc__.split("\n\n")[0])
     parser.add_argument("file", help="an InferencePool manifest (e.g. examples/tiny.yaml)")
@@ -504,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-demo", action="store_true", help="skip the demo request")
     parser.add_argument("--exit-after-demo", action="store_true",
                         help="stop after the demo request (smoke test)")  # fmt: skip
+    parser.add_argument("--autoscale", action="store_true",
+                        help="size the prefill and decode pools with the planner, between "
+                        "replicas.min and max, from the workers' own metrics")  # fmt: skip
     parser.add_argument("--status-interval", type=float, default=2.0)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     return parser
