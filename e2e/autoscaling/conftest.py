@@ -1,11 +1,8 @@
 """The autoscaler end to end: a real API server, a real Prometheus, emulated workers.
 
-Every test here is marked ``k8s``, ``prometheus`` and ``e2e``. The fixtures come
-from the two tiers below, imported rather than copied: ``kubeconfig`` (and the
-control-plane build behind it) from ``e2e/k8s/conftest.py``, ``prometheus_bin``
-from ``e2e/prometheus/conftest.py``. (A session that runs e2e/k8s too starts a
-second control plane for this folder: fixtures of sibling conftests are not
-shared.)
+Every test here is marked ``k8s``, ``prometheus`` and ``e2e``. The session fixtures
+``kubeconfig`` and ``prometheus_bin`` come from e2e/conftest.py, shared with the
+other tiers (one control plane per session).
 
 There is no kubelet: the :class:`Kubelet` here stands in for one. It watches the
 pool's worker Pods, starts an engine emulator on 127.0.0.1 for each (its role
@@ -37,11 +34,7 @@ from typing import Any
 import httpx
 import pytest
 
-from e2e.k8s.conftest import controlplane_bin_dir, kubeconfig
-from e2e.prometheus.conftest import prometheus_bin
-
-__all__ = ["Kubelet", "Load", "Prometheus", "controlplane_bin_dir", "kubeconfig",
-           "prometheus_bin"]  # fmt: skip
+__all__ = ["Kubelet", "Load", "Prometheus"]
 
 HERE = Path(__file__).resolve().parent
 SCRAPE_INTERVAL = 1.0

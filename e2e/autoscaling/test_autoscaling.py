@@ -17,6 +17,7 @@ replicas changed) is printed at the end.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -227,7 +228,9 @@ def test_idle_returns_to_min(kubelet: Kubelet, operator: OperatorProcess) -> Non
         ),
         "both pools back to replicas.min",
     )
-    assert any(r == "ScaledDown" and m.startswith("prefill 2→1: ") for r, m in kubelet.events())
+    events = kubelet.events()
+    # Under load prefill may have gone past 2 on the way up; the way down ends at 1.
+    assert any(r == "ScaledDown" and re.match(r"prefill \d+→1: ", m) for r, m in events), events
     operator.eventually(lambda: len(kubelet.urls("prefill")) == 1, "the extra worker to go")
 
 

@@ -13,8 +13,6 @@ end of the test.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -40,49 +38,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def _find() -> str | None:
-    named = os.environ.get("TANDEM_PROMETHEUS")
-    if named:
-        return named if Path(named).is_file() else None
-    return shutil.which("prometheus") or (
-        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").is_file() else None
-    )
-
-
-def _install(log: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    with log.open("wb") as out:
-        for cmd in (
-            ["apt-get", "update"],
-            ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
-        ):
-            subprocess.run(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=600, check=False
-            )
-
-
-@pytest.fixture(scope="session")
-def prometheus_bin(tmp_path_factory: pytest.TempPathFactory) -> str:
-    if os.environ.get("TANDEM_SKIP_PROMETHEUS") == "1":
-        pytest.skip("TANDEM_SKIP_PROMETHEUS=1")
-    found = _find()
-    if found is None:
-        log = tmp_path_factory.mktemp("prometheus-install") / "apt.log"
-        _install(log)
-        found = _find()
-        if found is None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            pytest.fail(
-                "Prometheus not found: install the Debian package (apt-get install prometheus), "
-                "or set TANDEM_PROMETHEUS to a binary, or TANDEM_SKIP_PROMETHEUS=1 to skip.\n"
-                + tail,
-                pytrace=False,
-            )
-    return found
 
 
 @dataclass(frozen=True)
