@@ -10,24 +10,32 @@ the next tick.
 
 How a role's size is chosen, per tick:
 
-1. **Signals → pressure.** Each signal becomes a ratio of observed to target
-   (1.0 = exactly on target), measured on the *warm* workers only (ready and
-   past ``warmup``): prefill follows TTFT, its queue and (once known) its prompt
-   token throughput against a per-worker capacity; decode follows TPOT, KV-cache
-   usage and its queue. ``policy: queue`` keeps only the queue ratios.
-2. **Pressure → recommendation.** A ratio above ``1 + tolerance`` recommends
-   ``ceil(warm * ratio)`` workers (the HPA's proportional rule). Otherwise the
-   smallest pool whose *projected* ratios (``ratio * warm / n``) all stay below
-   ``scale_down_ratio`` is recommended: latency is not proportional to load, so
-   the band between ``scale_down_ratio`` and ``1 + tolerance`` is the hysteresis
-   that keeps a pool from flapping. Pods not ready yet count as capacity on its
-   way: a recommendation only scales up past ``replicas``, which includes them.
+1. **Signals → ratios.** Each signal becomes a ratio of observed to target
+   (1.0 = on target), measured on the *warm* workers only (ready and past
+   ``warmup``). Prefill follows TTFT, its queue and its prompt load (tokens/s
+   against a per-worker capacity, profiled or learned from windows where TTFT
+   broke); decode follows TPOT, its queue and KV-cache usage, whose target is
+   derived from the TPOT objective by a line fitted through recent (KV usage,
+   TPOT) ticks (a decode step's time grows with the KV it reads). With ``lead``,
+   rising KV usage and prompt load are forecast that many seconds ahead.
+   ``policy: queue`` keeps only the queue ratios.
+2. **Ratios → recommendation.** A latency ratio above 1, or a proportional one
+   (queue, KV, load) above ``1 + tolerance``, recommends ``ceil(warm * ratio)``
+   workers (the HPA's proportional rule). While workers are still starting,
+   latency and queue (which cannot show them yet) ask for nothing beyond them:
+   pods not ready count as capacity on its way. Otherwise the smallest pool on
+   which the ratios, projected as ``ratio * warm / n``, stay under
+   ``scale_down_ratio`` is recommended; when latency is well inside its objective
+   and the load is measured in proportion (KV usage, prompt load), the load
+   alone sizes it, since latency has a floor no pool size removes. The band
+   between ``scale_down_ratio`` and the scale-up threshold is the hysteresis
+   that keeps a pool from flapping.
 3. **Recommendations → decision** (as the HPA's behavior field): scale up to the
    *lowest* recommendation of the last ``scale_up_stabilization`` (pressure must
    have lasted the whole window), then not again before the same time has passed
    (cooldown); scale down to the *highest* recommendation of the last
-   ``scale_down_stabilization``. Steps are capped by ``max_scale_*_step`` and the
-   result by ``replicas.min``/``max``.
+   ``scale_down_stabilization``, then not again for ``settle``. Steps are capped
+   by ``max_scale_*_step`` and the result by ``replicas.min``/``max``.
 4. **GPU budget.** When both roles together want more GPUs than
    ``gpu_budget``, the spare GPUs go one worker at a time to the role under the
    most pressure.
@@ -159,8 +167,9 @@ class PlannerSpec:
     prefill_utilization: float = 0.75
     """Fraction of a prefill worker's capacity (prompt tokens/s) the pool is sized for."""
     prefill_capacity: float | None = None
-    """Prompt tokens/s one prefill worker sustains, if known (profiled). When None
-    the planner learns it from windows in which the prefill queue was saturated."""
+    """Prompt tokens/s one prefill worker sustains, if known (profiled, e.g. from
+    the GPU's roofline). When None the planner learns it: the load per worker of
+    windows in which TTFT went past its objective or the queue past its target."""
 
     def bounds(self, role: Role) -> RoleBounds:
         return self.prefill if role == "prefill" else self.decode
@@ -490,6 +499,7 @@ def _learn_capacity(spec: PlannerSpec, inputs: RoleInputs, state: RoleState) -> 
     target (averaged with what was known), raised whenever a worker is seen
     doing more without either."""
     m = inputs.metrics
+    known = state.capacity
     if (
         spec.prefill_capacity is not None
         or isinstance(m, MetricsUnavailable)
@@ -497,16 +507,16 @@ def _learn_capacity(spec: PlannerSpec, inputs: RoleInputs, state: RoleState) -> 
         or inputs.warm < 1
         or m.prompt_token_rate <= 0
     ):
-        return state.capacity
+        return known
     per_worker = m.prompt_token_rate / inputs.warm
     saturated = m.queue_depth >= spec.target_queue_per_replica * inputs.warm or (
         m.ttft is not None and m.ttft > spec.ttft
     )
     if saturated:
-        return per_worker if state.capacity is None else 0.5 * (state.capacity + per_worker)
-    if state.capacity is not None and per_worker > state.capacity:
+        return per_worker if known is None else 0.5 * (known + per_worker)
+    if known is not None and per_worker > known:
         return per_worker
-    return state.capacity
+    return known
 
 
 # ---------------------------------------------------------------------------
@@ -521,6 +531,11 @@ class _Recommendation:
     """Before the bounds."""
     top: Pressure | None
     """The signal that decided."""
+
+
+_LAGGING: frozenset[Signal] = frozenset({"ttft", "tpot", "queue"})
+_LATENCY: frozenset[Signal] = frozenset({"ttft", "tpot"})
+_PROPORTIONAL: frozenset[Signal] = frozenset({"kv", "load"})
 
 
 def _threshold(spec: PlannerSpec, p: Pressure) -> float:
@@ -539,6 +554,14 @@ def _recommend(
         return _Recommendation(current, current, None)
     top = max(signals, key=lambda p: p.ratio)
     breaching = [p for p in signals if p.ratio > _threshold(spec, p)]
+    if inputs.pending:
+        # Latency and queue lag: they cannot show the workers still starting yet,
+        # so they ask for nothing beyond them. A forecast of load still can.
+        lagging = [p for p in breaching if p.signal in _LAGGING]
+        breaching = [p for p in breaching if p.signal not in _LAGGING]
+        if lagging and not breaching:
+            top = max(lagging, key=lambda p: p.ratio)
+            return _Recommendation(current, current, top)
     if breaching:
         top = max(breaching, key=lambda p: p.ratio)
         wanted = math.ceil(max(warm, 1) * top.ratio - _EPSILON)
@@ -547,7 +570,17 @@ def _recommend(
     if inputs.pending or inputs.warming:
         wanted = current  # part of the pool is not measured yet: no scale-down
     else:
-        # The smallest pool on which every ratio, scaled by warm/n, stays in the band.
+        # The smallest pool on which the ratios, scaled by warm/n, stay in the band.
+        # Latency has a floor no pool size removes (the service time itself), so
+        # when the load is measured in proportion (KV usage, prompt load) and
+        # latency is comfortably inside its objective, the load alone sizes the
+        # pool; otherwise latency is projected too, which is conservative.
+        basis = list(signals)
+        proportional = [p for p in signals if p.signal in _PROPORTIONAL]
+        latency_ok = all(p.ratio <= spec.scale_down_ratio for p in signals if p.signal in _LATENCY)
+        if proportional and latency_ok:
+            basis = [p for p in signals if p.signal not in _LATENCY]
+        top = max(basis, key=lambda p: p.ratio)
         wanted = min(
             current, max(1, math.ceil(warm * top.ratio / spec.scale_down_ratio - _EPSILON))
         )

@@ -66,6 +66,7 @@ __all__ = [
     "Tandem",
     "Workload",
     "bursty",
+    "diurnal",
     "oscillations",
     "replay",
     "shifting",
@@ -173,6 +174,27 @@ def bursty(
     requests = _poisson(rng, duration, rate, peak, lambda t: prompt, lambda t: output)
     desc = f"{base:g}→{peak:g} req/s bursts of {burst:g}s every {period:g}s ({ramp:g}s ramps)"
     return Workload("bursty", requests, duration, desc)
+
+
+def diurnal(
+    low: float = 5.0,
+    high: float = 40.0,
+    period: float = 3600.0,
+    duration: float = 3600.0,
+    prompt: float = 2000.0,
+    output: float = 250.0,
+    seed: int = 4,
+) -> Workload:
+    """A day compressed into ``period``: the rate follows a cosine from ``low`` up
+    to ``high`` and back."""
+
+    def rate(t: float) -> float:
+        return low + (high - low) * (1 - math.cos(2 * math.pi * t / period)) / 2
+
+    rng = random.Random(seed)
+    requests = _poisson(rng, duration, rate, high, lambda t: prompt, lambda t: output)
+    desc = f"{low:g}→{high:g}→{low:g} req/s over {period:g}s (cosine)"
+    return Workload("diurnal", requests, duration, desc)
 
 
 def shifting(
@@ -898,6 +920,9 @@ class _Sim:
         warm = [w for w in ready if self.now - w.ready_at >= cfg.warmup]
         ids = {w.id for w in warm}
         start = self.now - cfg.window
+        # Rates over the part of the window the trace covers (Prometheus' rate()
+        # extrapolates the same way), so that the trace's start is no ramp.
+        span = min(cfg.window, self.now)
         if role == "prefill":
             in_step = {id(r) for w in warm for r, _ in w.step_chunks}
             queue = sum(
@@ -909,8 +934,8 @@ class _Sim:
                 ttft=_weighted_quantile(
                     self.worker_ttft.window(start, self.now, ids), cfg.percentile
                 ),
-                request_rate=len(done) / cfg.window,
-                prompt_token_rate=sum(v for v, _ in done) / cfg.window,
+                request_rate=len(done) / span,
+                prompt_token_rate=sum(v for v, _ in done) / span,
             )
         else:
             queue = sum(len(w.waiting) + w.transferring for w in warm)
@@ -919,7 +944,7 @@ class _Sim:
                 queue_depth=float(queue + len(self.router["decode"])),
                 tpot=_weighted_quantile(self.itl.window(start, self.now, ids), cfg.percentile),
                 kv_usage=sum(kv) / len(kv) if kv else None,
-                request_rate=len(self.finished.window(start, self.now, ids)) / cfg.window,
+                request_rate=len(self.finished.window(start, self.now, ids)) / span,
             )
         return autoscaling.RoleInputs(
             replicas=len(pool), ready=len(ready), warming=len(ready) - len(warm), metrics=metrics
