@@ -7,9 +7,12 @@ the tests use :func:`prefill_then_decode` (the router's two hops, by hand) and
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tandem.router import app as router_app
+from tandem.router import server as router_server
+from tandem.router import settings as router_settings
 from tandem.workers import launcher, tinymodel, vllm_args
 
 SERVED_NAME = "tiny"
@@ -113,9 +119,16 @@ def leak_snapshot() -> dict[str, set[str]]:
 def leftovers(cluster: Cluster, before: dict[str, set[str]]) -> list[str]:
     """What the stopped workers left: processes, listening ports, files in ``~``
     and shared memory that were not there before they started."""
+    return workers_leftovers(cluster.workers, before)
+
+
+def workers_leftovers(
+    workers: Iterable[launcher.WorkerProcess], before: dict[str, set[str]]
+) -> list[str]:
+    """:func:`leftovers` for any set of workers."""
     after = leak_snapshot()
     problems = []
-    for w in cluster.workers:
+    for w in workers:
         if w.pid is not None:
             try:
                 os.killpg(w.pid, 0)
@@ -199,3 +212,129 @@ def total(samples: Samples, name: str, **labels: str) -> float:
         for (sample, sample_labels), value in samples.items()
         if sample == name and set(labels.items()) <= set(sample_labels)
     )
+
+
+def scrape_url(base_url: str) -> Samples:
+    """:func:`scrape` for any ``/metrics`` (the router's)."""
+    text = httpx.get(base_url + "/metrics", timeout=REQUEST_TIMEOUT_S).text
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def kill(worker: launcher.WorkerProcess) -> None:
+    """A crash: SIGKILL to the worker's whole process group (no shutdown of any of
+    its processes), then reap it. Only for a worker the caller started."""
+    pid = worker.pid
+    assert pid is not None, f"{worker.settings.name} was never started"
+    held = _shm_in_use(_group_pids(pid))
+    os.killpg(pid, signal.SIGKILL)
+    worker.stop_sync()
+    # A crash skips every cleanup (the group's resource tracker dies with it): remove
+    # the shared memory only its processes held, so the leak checks see no debris.
+    for name in held - _shm_in_use(_all_pids()):
+        if name.startswith(_SHM_PREFIXES):
+            Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def _all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for pid in _all_pids():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:  # pid (comm) state ppid pgrp
+            pids.append(pid)
+    return pids
+
+
+def _shm_in_use(pids: Iterable[int]) -> set[str]:
+    """Names of the /dev/shm files these processes map or hold open."""
+    names: set[str] = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        targets = [line.split(maxsplit=5)[-1] for line in maps.splitlines()]
+        for fd in fds:
+            try:
+                targets.append(os.readlink(fd))
+            except OSError:
+                continue
+        for target in targets:
+            if target.startswith("/dev/shm/"):
+                names.add(target[len("/dev/shm/") :].split(" ", 1)[0])
+    return names
+
+
+# -- the router, in a thread ---------------------------------------------------
+
+
+class RouterThread:
+    """The router (``tandem.router.server.serving``, uvicorn) in a thread with an
+    event loop of its own, so that synchronous tests can talk to it over HTTP
+    while blocking calls (killing a worker) run beside it. A context manager."""
+
+    def __init__(self, config: router_settings.RouterSettings, start_timeout_s: float = 30.0):
+        self.config = config
+        self.url = ""
+        self._start_timeout_s = start_timeout_s
+        self._app: router_app.RouterApp | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tandem-router", daemon=True)
+
+    def __enter__(self) -> RouterThread:
+        self._thread.start()
+        if not self._ready.wait(self._start_timeout_s):
+            raise TimeoutError(f"the router did not start in {self._start_timeout_s:.0f} s")
+        if self._error is not None:
+            raise RuntimeError("the router failed to start") from self._error
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60.0)
+        assert not self._thread.is_alive(), "the router thread did not stop in 60 s"
+        if self._error is not None:
+            raise RuntimeError("the router failed") from self._error
+
+    def set_endpoints(self, role: router_settings.Role, urls: Iterable[str]) -> None:
+        """``app.set_endpoints`` on the router's own event loop."""
+        app, loop = self._app, self._loop
+        if app is None or loop is None:
+            raise RuntimeError("the router is not running")
+        urls = list(urls)
+
+        async def apply() -> None:
+            app.set_endpoints(role, urls)
+
+        asyncio.run_coroutine_threadsafe(apply(), loop).result(10.0)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported by __enter__ / __exit__
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with router_server.serving(self.config, host="127.0.0.1", port=0) as (url, app):
+            self.url, self._app = url, app
+            self._ready.set()
+            await self._stop.wait()
