@@ -45,9 +45,8 @@ def profiled_prefill_capacity(config: replay.ReplayConfig = CONFIG, prompt: int 
 
 def planner_spec(reactive: bool = False) -> autoscaling.PlannerSpec:
     """The CRD's defaults (stabilization 30s up / 5m down, steps 2 up / 1 down,
-    4 queued per worker, 1m window) with the replay's SLOs. Unless ``reactive``:
-    scale-up stabilization 15s, a lead of 75s (that plus the provisioning delay)
-    and a profiled prefill capacity."""
+    4 queued per worker, 1m window) with the replay's SLOs; unless ``reactive``, a
+    lead of 90s (stabilization + provisioning delay) and a profiled prefill capacity."""
     spec = autoscaling.PlannerSpec(
         policy="slo",
         ttft=CONFIG.ttft_slo,
@@ -65,13 +64,8 @@ def planner_spec(reactive: bool = False) -> autoscaling.PlannerSpec:
     )
     if reactive:
         return spec
-    up = 15.0
-    return dataclasses.replace(
-        spec,
-        scale_up_stabilization=up,
-        lead=up + CONFIG.provisioning_delay,
-        prefill_capacity=profiled_prefill_capacity(),
-    )
+    lead = spec.scale_up_stabilization + CONFIG.provisioning_delay
+    return dataclasses.replace(spec, lead=lead, prefill_capacity=profiled_prefill_capacity())
 
 
 def workloads(quick: bool) -> dict[str, Callable[[], replay.Workload]]:
@@ -208,11 +202,11 @@ def _attains(
 
 def max_rate(prompt: int, tpot: float, layout: tuple[int, int], quick: bool) -> float:
     """Bisection on the arrival rate: the highest one still within both SLOs."""
-    seconds = 120.0 if quick else 180.0
+    seconds = 120.0 if quick else 300.0
     lo, hi = 0.0, 1.0
     while hi < 4096 and _attains(prompt, tpot, hi, layout, seconds):
         lo, hi = hi, hi * 2
-    for _ in range(5 if quick else 6):
+    for _ in range(5 if quick else 7):
         mid = (lo + hi) / 2
         if _attains(prompt, tpot, mid, layout, seconds):
             lo = mid
@@ -370,11 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| hpa | a Kubernetes HPA per role on GPU utilization (busy time), target 70%, 10% tolerance, "
         "scale-up at once (at most x2 or +4), scale-down to the highest recommendation of 5 min |",
         "| tandem-reactive | `operator/autoscaling.py` with the CRD's defaults: stabilization 30 s up / "
-        "5 min down, steps +2/-1, 4 queued per worker; planner tunables at their defaults (hysteresis band "
-        "0.8-1.1, prefill sized for 80% of its capacity, decode KV held to 80% of the usage at which the "
-        "fitted TPOT line meets the SLO); prefill capacity learned |",
-        f"| tandem | the same with `scaleUpStabilization: 15s`, plus `lead` = 75 s (stabilization + "
-        f"provisioning: rising KV usage and prompt load are extrapolated that far) and a profiled prefill capacity "
+        "5 min down, steps +2/-1, 4 queued per worker; prefill capacity learned |",
+        f"| tandem | the same, plus `lead` = 90 s (stabilization + provisioning: rising KV usage and "
+        f"prompt load are extrapolated that far) and a profiled prefill capacity "
         f"({profiled_prefill_capacity():,.0f} prompt tokens/s per worker: the roofline for 2k-token prompts) |",
         "| start | every strategy starts at the static-peak sizes, bounds 1-16 per role |",
         "",
@@ -425,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             f"The most load (req/s, steady Poisson, output ~{SWEEP_OUTPUT} tokens) that {SWEEP_GPUS} GPUs carry "
             "with ≥99% of requests within both SLOs (TTFT ≤ 500 ms), colocated versus the best fixed "
-            "prefill:decode split (bisection on the rate over 3-minute traces, 6 steps: about ±1.5%).",
+            "prefill:decode split (bisection on the rate, 7 steps).",
             "",
             "| TPOT SLO | prompt (mean) | colocated | best split | its rate | winner | split / colocated |",
             "|---|---|---|---|---|---|---|",
@@ -463,11 +455,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "- The planner sees exact percentiles over its window (Prometheus sees histogram buckets).",
         "",
     ]
-    # A hand-written "## Findings" section of the previous report survives a rerun.
-    previous = args.out.read_text() if args.out.exists() else ""
-    marker = "\n## Findings"
-    if marker in previous:
-        lines.append(previous[previous.index(marker) + 1 :].rstrip("\n") + "\n")
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return 0

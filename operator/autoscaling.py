@@ -21,9 +21,8 @@ How a role's size is chosen, per tick:
    ``policy: queue`` keeps only the queue ratios.
 2. **Ratios → recommendation.** A latency ratio above 1, or a proportional one
    (queue, KV, load) above ``1 + tolerance``, recommends ``ceil(warm * ratio)``
-   workers (the HPA's proportional rule). While workers are still starting or
-   warming up, latency and queue (which cannot show them yet) ask for nothing
-   beyond them:
+   workers (the HPA's proportional rule). While workers are still starting,
+   latency and queue (which cannot show them yet) ask for nothing beyond them:
    pods not ready count as capacity on its way. Otherwise the smallest pool on
    which the ratios, projected as ``ratio * warm / n``, stay under
    ``scale_down_ratio`` is recommended; when latency is well inside its objective
@@ -162,10 +161,10 @@ class PlannerSpec:
     """Ticks needed before the fit is used."""
     fit_min_spread: float = 0.03
     """Standard deviation of KV usage the ticks must show before the fit is used."""
-    scale_down_ratio: float = 0.8
+    scale_down_ratio: float = 0.7
     """A smaller pool is recommended only if every ratio, projected onto it, stays
     below this: the hysteresis band under ``1 + tolerance``."""
-    prefill_utilization: float = 0.8
+    prefill_utilization: float = 0.75
     """Fraction of a prefill worker's capacity (prompt tokens/s) the pool is sized for."""
     prefill_capacity: float | None = None
     """Prompt tokens/s one prefill worker sustains, if known (profiled, e.g. from
@@ -322,17 +321,13 @@ class Pressure:
     """Human-readable, e.g. "TTFT p90 820ms"; the target is added by :meth:`describe`."""
 
     def describe(self) -> str:
-        """``text`` against the target, e.g. "TTFT p90 820ms > 500ms"."""
-        rel = ">" if self.ratio > 1 else "<="
         if self.signal in ("ttft", "tpot"):
-            target = api.format_duration(self.target)
-        elif self.signal == "kv":
-            target = f"{self.target:.0%}"
-        elif self.signal == "load":
-            target = f"{self.target:.0f} tok/s"
-        else:
-            target = f"{self.target:.3g}"
-        return f"{self.text} {rel} {target}"
+            rel = ">" if self.ratio > 1 else "<="
+            return f"{self.text} {rel} {api.format_duration(self.target)}"
+        if self.signal == "kv":
+            rel = ">" if self.ratio > 1 else "<="
+            return f"{self.text} {rel} {self.target:.0%}"
+        return f"{self.text} (target {self.target:.3g})"
 
 
 @dataclass(frozen=True)
@@ -559,10 +554,9 @@ def _recommend(
         return _Recommendation(current, current, None)
     top = max(signals, key=lambda p: p.ratio)
     breaching = [p for p in signals if p.ratio > _threshold(spec, p)]
-    if inputs.pending or inputs.warming:
-        # Latency and queue lag: they cannot show the workers still starting (or
-        # just started) yet, so they ask for nothing beyond them. A forecast of
-        # load still can.
+    if inputs.pending:
+        # Latency and queue lag: they cannot show the workers still starting yet,
+        # so they ask for nothing beyond them. A forecast of load still can.
         lagging = [p for p in breaching if p.signal in _LAGGING]
         breaching = [p for p in breaching if p.signal not in _LAGGING]
         if lagging and not breaching:

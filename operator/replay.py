@@ -357,9 +357,8 @@ class ReplayConfig:
     tpot_slo: float = 0.025
     provisioning_delay: float = 60.0
     """Seconds from asking for a worker to its serving (scheduling, image, weights)."""
-    warmup: float = 60.0
-    """Seconds after a worker is ready before its samples count (autoscalers only);
-    at least ``window``, so that a warm worker's window holds only its own service."""
+    warmup: float = 30.0
+    """Seconds after a worker is ready before its samples count (autoscalers only)."""
     interval: float = 15.0
     """Seconds between autoscaler ticks."""
     window: float = 60.0

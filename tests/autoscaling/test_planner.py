@@ -25,9 +25,6 @@ SPEC = a.PlannerSpec(
     interval=15,
     scale_up_stabilization=30,
     scale_down_stabilization=300,
-    # Pinned, so that the expectations below do not move with the defaults.
-    scale_down_ratio=0.7,
-    prefill_utilization=0.75,
 )
 
 
@@ -92,7 +89,7 @@ CASES = [
     Case("ttft-on-objective", 60, prefill=role(2, ttft=0.5), expect_prefill=2,
          reason="on target"),
     Case("prefill-queue-scales-up", 30, prefill=role(2, ttft=0.3, queue_depth=12),
-         expect_prefill=3, reason="queue 12 > 8"),
+         expect_prefill=3, reason="queue 12 (target 8)"),
     Case("prefill-step-limit", 30, prefill=role(2, queue_depth=40), expect_prefill=4,
          reason="prefill 2→4"),
     Case("prefill-up-to-max", 30, prefill=role(7, queue_depth=200), expect_prefill=8,
@@ -146,7 +143,7 @@ CASES = [
          reason="prefill holds at 6: metrics unavailable (Prometheus unreachable); keeping"),
     Case("unavailable-decode-holds", 900, decode=role(9, unavailable="no series"), expect_decode=9),
     Case("no-requests-no-signal", 600, prefill=role(3), expect_prefill=2,
-         reason="queue 0 <= 12"),
+         reason="queue 0 (target 12)"),
     # -- policies
     Case("policy-off-holds-min", 0, prefill=role(5, ttft=9.0), decode=role(5, tpot=1.0),
          spec={"policy": "off"}, expect_prefill=1, expect_decode=1,
@@ -309,7 +306,7 @@ def test_profiled_capacity_scales_up_before_ttft_breaks() -> None:
     spec = replace(SPEC, prefill_capacity=10_000)
     plan = hold(30, prefill=role(2, ttft=0.2, prompt_token_rate=24_000), spec=spec)
     assert plan.prefill is not None
-    assert plan.prefill.reason == "prefill 2→4: prompt load 24000 tok/s > 15000 tok/s"
+    assert plan.prefill.reason == "prefill 2→4: prompt load 24000 tok/s (target 1.5e+04)"
 
 
 def test_budget_refusal_is_reported_as_limited() -> None:
