@@ -8,7 +8,9 @@ Every worker gets a run directory holding its log and every cache and temporary
 directory vLLM, torch, Hugging Face and friends would otherwise put in ``~`` or
 ``/tmp``; it runs with that directory as its working directory, in its own
 process group (vLLM forks an engine core and a worker process), so stopping it
-reaps all of them.
+reaps all of them, and removes the shared memory (``/dev/shm``) the group held
+that nobody holds any more: a worker stopped mid-boot, or killed, never runs the
+cleanup that would have removed it.
 
 Usage, blocking (tests)::
 
@@ -52,6 +54,12 @@ logger = logging.getLogger(__name__)
 _UNIX_SOCKET_PATH_MAX = 107
 """sun_path limit; vLLM puts ``ipc://$TMPDIR/<uuid4>`` sockets in the temp dir."""
 _IPC_NAME_LEN = 1 + 36
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIXES = ("psm_", "sem.mp-", "ucx", "nixl")
+"""The shared-memory files of a worker's stack: Python's ``multiprocessing``
+(``psm_*`` segments, ``sem.mp-*`` semaphores), UCX and NIXL. Only such names are
+ever removed by a stop, and only when no living process holds them."""
 
 
 class WorkerError(Exception):
@@ -113,6 +121,7 @@ class WorkerProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._started_at = 0.0
+        self._stopped = False
 
     def __repr__(self) -> str:
         return f"<WorkerProcess {self.settings.name} {self.settings.role} pid={self.pid}>"
@@ -233,8 +242,7 @@ class WorkerProcess:
         proc = self._require_started()
         code = proc.poll()
         if code is not None:
-            self._reap_group()
-            self._close_log()
+            self.stop_sync()
             raise WorkerStartError(
                 f"{self.settings.name}: vLLM exited with code {code} before it was ready; "
                 f"last lines of {self.log_path}:\n{self.log_tail()}"
@@ -291,10 +299,15 @@ class WorkerProcess:
 
     def stop_sync(self) -> int | None:
         """Blocking :meth:`stop`: SIGTERM to the server (it shuts its engine down),
-        then the whole group after ``stop_timeout_s``, then SIGKILL."""
+        then the whole group after ``stop_timeout_s``, then SIGKILL; then the
+        shared memory the group left behind (see :meth:`_finish`). A no-op once
+        stopped (or killed): returns the same exit code again."""
         proc = self._proc
         if proc is None:
             return None
+        if self._stopped:
+            return proc.returncode
+        held = shm_held_by_group(proc.pid)
         if proc.poll() is None:
             logger.info("[%s] stopping pid %d", self.settings.name, proc.pid)
             with contextlib.suppress(ProcessLookupError):
@@ -308,10 +321,37 @@ class WorkerProcess:
                 )  # fmt: skip
                 _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
+        return self._finish(proc, held)
+
+    def kill_sync(self) -> int | None:
+        """A crash: SIGKILL to the worker's whole process group (no shutdown of any
+        of its processes), then the same reaping and cleanup as :meth:`stop_sync`.
+        A no-op once stopped (or killed)."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if self._stopped:
+            return proc.returncode
+        held = shm_held_by_group(proc.pid)
+        logger.info("[%s] killing process group %d", self.settings.name, proc.pid)
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return self._finish(proc, held)
+
+    def _finish(self, proc: subprocess.Popen[bytes], held: Mapping[str, int]) -> int | None:
+        """After the server exited: reap its group, close the log, and remove
+        ``held`` (its group's shared memory, taken before any signal) where no
+        living process holds it any more. A clean shutdown leaves nothing there;
+        one cut short (SIGTERM mid-boot, SIGKILL) skips the cleanup of
+        ``multiprocessing``'s resource tracker, UCX and NIXL."""
         self._reap_group()
         self._close_log()
+        removed = remove_orphaned_shm(held)
+        if removed:
+            logger.info("[%s] removed from %s: %s", self.settings.name, SHM_DIR, removed)
         # Only unix sockets and rendezvous files live there; the log and caches stay.
         shutil.rmtree(self.run_dir / "tmp", ignore_errors=True)
+        self._stopped = True
         return proc.returncode
 
     def _reap_group(self) -> None:
@@ -438,3 +478,102 @@ def _signal_group(pgid: int, sig: signal.Signals) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# -- shared memory ---------------------------------------------------------------
+
+
+def _all_pids() -> list[int]:
+    """Every process's id (none without a Linux ``/proc``: nothing is removed)."""
+    try:
+        return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    except OSError:
+        return []
+
+
+def _group_pids(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` (empty once it is gone)."""
+    pids = []
+    for pid in _all_pids():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:  # pid (comm) state ppid pgrp
+            pids.append(pid)
+    return pids
+
+
+def _shm_in_use(pids: Iterable[int]) -> set[int]:
+    """The inodes of the /dev/shm files these processes map or hold open
+    (processes that are gone or not ours to read are skipped).
+
+    Inodes, not names: ``sem_open`` creates a semaphore under a temporary name,
+    maps it, links it to its real name (``sem.mp-*``) and unlinks the temporary
+    one, so the mapping shows ``/dev/shm/sem.XXXXXX (deleted)``.
+    """
+    prefix = f"{SHM_DIR}/"
+    inodes: set[int] = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)  # address perms offset dev inode path
+            if len(fields) == 6 and fields[5].startswith(prefix):
+                inodes.add(int(fields[4]))
+        for fd in fds:
+            try:
+                if os.readlink(fd).startswith(prefix):
+                    inodes.add(fd.stat().st_ino)
+            except OSError:
+                continue
+    return inodes
+
+
+def _shm_files() -> dict[str, int]:
+    """The worker-stack files in /dev/shm (:data:`SHM_PREFIXES`), by inode."""
+    files: dict[str, int] = {}
+    try:
+        entries = list(SHM_DIR.iterdir())
+    except OSError:
+        return files
+    for entry in entries:
+        if entry.name.startswith(SHM_PREFIXES):
+            with contextlib.suppress(OSError):
+                files[entry.name] = entry.stat(follow_symlinks=False).st_ino
+    return files
+
+
+def shm_held_by_group(pgid: int) -> dict[str, int]:
+    """The worker-stack files in /dev/shm (:data:`SHM_PREFIXES`) that process
+    group ``pgid`` maps or holds open now: name to inode."""
+    pids = _group_pids(pgid)
+    if not pids:
+        return {}
+    held = _shm_in_use(pids)
+    return {name: inode for name, inode in _shm_files().items() if inode in held}
+
+
+def remove_orphaned_shm(held: Mapping[str, int]) -> list[str]:
+    """Remove the files of ``held`` (from :func:`shm_held_by_group`) that are
+    still the same files and that no living process maps or holds open any more;
+    returns the removed names, sorted."""
+    if not held:
+        return []
+    in_use = _shm_in_use(_all_pids())
+    removed = []
+    for name, inode in sorted(_shm_files().items()):
+        if held.get(name) != inode or inode in in_use:
+            continue
+        try:
+            (SHM_DIR / name).unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("cannot remove %s: %s", SHM_DIR / name, exc)
+            continue
+        removed.append(name)
+    return removed

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import threading
 from collections.abc import Iterable, Mapping
@@ -40,7 +39,6 @@ PREFILL_PARAMS: Mapping[str, Any] = {"do_remote_decode": True}
 """What the router sends with step (1): keep the KV blocks for a remote decode."""
 
 _HOME_LEAKS = (".cache/vllm", ".config/vllm", ".cache/huggingface", ".cache/torch", ".triton")
-_SHM_PREFIXES = ("psm_", "sem.mp-", "ucx", "nixl")
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ def plan_cluster(run_root: Path, models: Models) -> Cluster:
 
 
 def leak_snapshot() -> dict[str, set[str]]:
-    home, shm = Path.home(), Path("/dev/shm")
+    home, shm = Path.home(), launcher.SHM_DIR
     return {
         "home": {leak for leak in _HOME_LEAKS if (home / leak).exists()},
         "shm": {p.name for p in shm.iterdir()} if shm.is_dir() else set(),
@@ -142,7 +140,7 @@ def workers_leftovers(
     new_home = after["home"] - before["home"]
     if new_home:
         problems.append(f"written under ~: {sorted(new_home)}")
-    new_shm = {n for n in after["shm"] - before["shm"] if n.startswith(_SHM_PREFIXES)}
+    new_shm = {n for n in after["shm"] - before["shm"] if n.startswith(launcher.SHM_PREFIXES)}
     if new_shm:
         problems.append(f"left in /dev/shm: {sorted(new_shm)}")
     return problems
@@ -225,55 +223,12 @@ def scrape_url(base_url: str) -> Samples:
 
 
 def kill(worker: launcher.WorkerProcess) -> None:
-    """A crash: SIGKILL to the worker's whole process group (no shutdown of any of
-    its processes), then reap it. Only for a worker the caller started."""
-    pid = worker.pid
-    assert pid is not None, f"{worker.settings.name} was never started"
-    held = _shm_in_use(_group_pids(pid))
-    os.killpg(pid, signal.SIGKILL)
-    worker.stop_sync()
-    # A crash skips every cleanup (the group's resource tracker dies with it): remove
-    # the shared memory only its processes held, so the leak checks see no debris.
-    for name in held - _shm_in_use(_all_pids()):
-        if name.startswith(_SHM_PREFIXES):
-            Path("/dev/shm", name).unlink(missing_ok=True)
-
-
-def _all_pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def _group_pids(pgid: int) -> list[int]:
-    pids = []
-    for pid in _all_pids():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:  # pid (comm) state ppid pgrp
-            pids.append(pid)
-    return pids
-
-
-def _shm_in_use(pids: Iterable[int]) -> set[str]:
-    """Names of the /dev/shm files these processes map or hold open."""
-    names: set[str] = set()
-    for pid in pids:
-        try:
-            maps = Path(f"/proc/{pid}/maps").read_text()
-            fds = list(Path(f"/proc/{pid}/fd").iterdir())
-        except OSError:
-            continue
-        targets = [line.split(maxsplit=5)[-1] for line in maps.splitlines()]
-        for fd in fds:
-            try:
-                targets.append(os.readlink(fd))
-            except OSError:
-                continue
-        for target in targets:
-            if target.startswith("/dev/shm/"):
-                names.add(target[len("/dev/shm/") :].split(" ", 1)[0])
-    return names
+    """A crash: SIGKILL to the worker's whole process group, then reaped, and the
+    shared memory only its processes held removed, so that the leak checks see no
+    debris (:meth:`~tandem.workers.launcher.WorkerProcess.kill_sync`). Only for a
+    worker the caller started; the session's teardown then stops it as a no-op."""
+    assert worker.pid is not None, f"{worker.settings.name} was never started"
+    worker.kill_sync()
 
 
 # -- the router, in a thread ---------------------------------------------------

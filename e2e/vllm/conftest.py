@@ -13,6 +13,14 @@ the comparison needs. They run through the launcher local mode uses, on 127.0.0.
 its own run directory, ports and NIXL side channel. After stopping them the
 fixture checks they left nothing behind (processes, ports, files in ``~``,
 shared memory).
+
+Tests that kill the session's workers (test_router_vllm.py's fault tests) are
+marked ``kills_vllm_workers``: ``pytest_collection_modifyitems`` moves them to
+the very end of the whole run, keeping their relative order, so that every other
+test of ``vllm_cluster`` runs before a worker dies, whatever the order of the
+collected paths. A killed worker is reaped and its shared memory removed on the
+spot (``WorkerProcess.kill_sync``); the teardown's stop is then a no-op, and the
+leak check covers it like the others.
 """
 
 from __future__ import annotations
@@ -33,10 +41,19 @@ from tandem.workers import launcher
 HERE = Path(__file__).resolve().parent
 
 
+KILLS_WORKERS = "kills_vllm_workers"
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(HERE):
             item.add_marker(pytest.mark.vllm)
+    # After every other plugin's reordering (trylast): the destructive tests last.
+    killers = [item for item in items if item.get_closest_marker(KILLS_WORKERS) is not None]
+    if killers:
+        rest = [item for item in items if item.get_closest_marker(KILLS_WORKERS) is None]
+        items[:] = rest + killers
 
 
 def _engine_stack_missing() -> str | None:

@@ -1,13 +1,17 @@
 """The router in front of real vLLM workers (CPU) with the KV cache moved by NIXL.
 
-A module of its own workers, so that killing them leaves the session's
-``vllm_cluster`` alone: ``prefill-a`` and ``decode`` start here; the session's
-prefill worker is the second prefill worker of the pool (and, as elsewhere, the
-aggregated greedy reference), which saves a boot. The router runs in a thread
-(``cluster.RouterThread``) in mode ``disaggregated``, policy ``round-robin``
-(so a dead prefill worker is certainly tried), and the tests talk to it over
-HTTP. The destructive tests come last, in this order: prefill ``prefill-a``
-killed, then the decode worker killed in the middle of a stream.
+No workers of its own: the router fronts the session's ``vllm_cluster``, its
+``prefill`` worker (also, as elsewhere, the aggregated greedy reference) and its
+``decode`` worker. It runs in a thread (``cluster.RouterThread``) in mode
+``disaggregated``, policy ``round-robin``, and the tests talk to it over HTTP.
+
+Every reference is computed up front (the ``references`` fixture, set up with the
+router), before any worker dies. The destructive tests are marked
+``kills_vllm_workers``: conftest.py moves them to the very end of the session,
+after every other test of the cluster, in this order: ``other_prefill`` killed
+(a dead prefill endpoint: retried), then ``prefill`` too (only dead prefill
+workers: the decode worker prefills), then the decode worker killed in the middle
+of a stream. The session's teardown stops the killed workers as a no-op.
 """
 
 from __future__ import annotations
@@ -26,9 +30,7 @@ from e2e.vllm.cluster import SERVED_NAME, Samples, total
 from tandem.router import settings
 from tandem.workers import launcher
 
-# Two more vLLM workers on top of the session's three: on a 2-core machine their start
-# alone exceeded the startup limit in CI, so this module runs on request (-m slow).
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = pytest.mark.vllm
 
 PROMPT = (
     "A router stands in front of two pools of workers. It sends each prompt to a prefill "
@@ -57,56 +59,63 @@ CLIENT_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 
 
 @dataclass(frozen=True)
+class References:
+    """The aggregated greedy answers (the prefill worker, plain serving), taken
+    while every worker is alive."""
+
+    chat: dict[str, Any]
+    completion: dict[str, Any]
+    """The completion's only choice: ``text`` and ``token_ids``."""
+
+
+@dataclass(frozen=True)
 class RoutedPool:
     router: cluster.RouterThread
-    prefill_a: launcher.WorkerProcess
-    """Started here: the prefill worker the prefill test kills."""
-    prefill_b: launcher.WorkerProcess
-    """The session's prefill worker: survives, and gives the reference."""
+    prefill: launcher.WorkerProcess
+    """The session's prefill worker: the router's prefill pool."""
+    other_prefill: launcher.WorkerProcess
+    """The session's worker of another model: killed first, then a dead prefill
+    endpoint in the pool."""
     decode: launcher.WorkerProcess
-    """Started here: the decode worker the last test kills."""
+    """The session's decode worker: killed by the last test."""
+    references: References
 
 
 @pytest.fixture(scope="module")
-def pool(
-    vllm_cluster: cluster.Cluster,
-    tiny_models: cluster.Models,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[RoutedPool]:
-    run_root = tmp_path_factory.mktemp("router-vllm")
-    prefill_a = cluster.worker(run_root, "prefill-a", "prefill", tiny_models.main, "0")
-    decode = cluster.worker(run_root, "router-decode", "decode", tiny_models.main, "1")
-    mine = (prefill_a, decode)
-    before = cluster.leak_snapshot()
-    started = time.monotonic()
-    launcher.start_all_sync(mine)
-    print(f"\nrouter test workers ready in {time.monotonic() - started:.0f} s")
-    try:
-        prefill_b = vllm_cluster.prefill
-        for prefill in (prefill_a, prefill_b):
-            _warm_up(prefill, decode)
-        config = settings.static_settings(
-            SERVED_NAME,
-            prefill=[prefill_a.url, prefill_b.url],
-            decode=[decode.url],
-            mode="disaggregated",
-            policy="round-robin",
-            poolName=POOL,
-            endpointCooldown=60.0,
-            timeouts={"connect": 3.0, "prefill": 60.0, "firstByte": 60.0, "idle": 30.0},
-        )
-        with cluster.RouterThread(config) as router:
-            yield RoutedPool(router, prefill_a, prefill_b, decode)
-    finally:
-        launcher.stop_all_sync(mine)
-    problems = cluster.workers_leftovers(mine, before)
-    assert not problems, "the router test's workers left things behind: " + "; ".join(problems)
+def references(vllm_cluster: cluster.Cluster) -> References:
+    chat = cluster.reference(vllm_cluster.prefill, "/v1/chat/completions", CHAT)
+    assert chat.status_code == 200, chat.text
+    completion = cluster.reference(vllm_cluster.prefill, "/v1/completions", COMPLETION)
+    assert completion.status_code == 200, completion.text
+    choice: dict[str, Any] = completion.json()["choices"][0]
+    assert len(choice["token_ids"]) == GREEDY["max_tokens"]
+    return References(chat=chat.json(), completion=choice)
+
+
+@pytest.fixture(scope="module")
+def pool(vllm_cluster: cluster.Cluster, references: References) -> Iterator[RoutedPool]:
+    """The router over the session's workers; ``references`` are taken first."""
+    prefill, decode = vllm_cluster.prefill, vllm_cluster.decode
+    _warm_up(prefill, decode)
+    config = settings.static_settings(
+        SERVED_NAME,
+        prefill=[prefill.url],
+        decode=[decode.url],
+        mode="disaggregated",
+        policy="round-robin",
+        poolName=POOL,
+        endpointCooldown=60.0,
+        timeouts={"connect": 3.0, "prefill": 60.0, "firstByte": 60.0, "idle": 30.0},
+    )
+    with cluster.RouterThread(config) as router:
+        yield RoutedPool(router, prefill, vllm_cluster.other_prefill, decode, references)
 
 
 def _warm_up(prefill: launcher.WorkerProcess, decode: launcher.WorkerProcess) -> None:
     """The NIXL handshake of ``decode`` with ``prefill``, done by hand before the
-    router sees them: vLLM waits at most 5 s for it, which two busy cores can miss
-    (HTTP 500), so one round, retried, keeps it out of the measured requests."""
+    router sees them (already done when test_pd_nixl.py ran): vLLM waits at most
+    5 s for it, which two busy cores can miss (HTTP 500), so one round, retried,
+    keeps it out of the measured requests."""
     body = {**COMPLETION, "prompt": "Warm up the NIXL handshake, please."}
     for _ in range(3):
         _, response = cluster.prefill_then_decode(prefill, decode, "/v1/completions", body)
@@ -168,21 +177,11 @@ def _external_tokens_after(
         time.sleep(0.5)
 
 
-def _reference_completion(pool: RoutedPool) -> dict[str, Any]:
-    ref = cluster.reference(pool.prefill_b, "/v1/completions", COMPLETION)
-    assert ref.status_code == 200, ref.text
-    choice: dict[str, Any] = ref.json()["choices"][0]
-    assert len(choice["token_ids"]) == GREEDY["max_tokens"]
-    return choice
-
-
 # -- through the router, healthy -------------------------------------------------
 
 
 def test_streamed_chat_through_the_router_equals_the_reference(pool: RoutedPool) -> None:
-    ref = cluster.reference(pool.prefill_b, "/v1/chat/completions", CHAT)
-    assert ref.status_code == 200, ref.text
-    want = ref.json()
+    want = pool.references.chat
     router_before, decode_before = _router_metrics(pool), cluster.scrape(pool.decode)
 
     chunks = _chunks(_stream(pool.router, "/v1/chat/completions", {**CHAT, **STREAM}))
@@ -206,8 +205,8 @@ def test_streamed_chat_through_the_router_equals_the_reference(pool: RoutedPool)
 
 
 def test_streamed_completion_through_the_router_equals_the_reference(pool: RoutedPool) -> None:
-    expected = _reference_completion(pool)
-    for salt in ("first", "second"):  # round-robin: once through each prefill worker
+    expected = pool.references.completion
+    for salt in ("first", "second"):  # twice: each round moves the whole prompt again
         # A salt of its own, or the decode worker's prefix cache holds the prompt.
         body = {**COMPLETION, **STREAM, "cache_salt": f"router-{salt}"}
         decode_before = cluster.scrape(pool.decode)
@@ -220,13 +219,16 @@ def test_streamed_completion_through_the_router_equals_the_reference(pool: Route
         assert external >= prompt_tokens - 1
 
 
-# -- faults (destructive: last, in this order) ---------------------------------------
+# -- faults (destructive: moved to the end of the session, in this order) ---------------
 
 
+@pytest.mark.kills_vllm_workers
 def test_a_killed_prefill_worker_is_retried_then_prefilled_on_decode(pool: RoutedPool) -> None:
-    expected = _reference_completion(pool)
-    dead = pool.prefill_a.url
-    cluster.kill(pool.prefill_a)
+    expected = pool.references.completion
+    # other_prefill serves another model: dead, it is just a prefill endpoint that
+    # refuses connections, first in the pool.
+    cluster.kill(pool.other_prefill)
+    pool.router.set_endpoints("prefill", [pool.other_prefill.url, pool.prefill.url])
     before = _router_metrics(pool)
 
     # Round-robin over [dead, alive]: within two requests one tries the dead worker
@@ -243,31 +245,34 @@ def test_a_killed_prefill_worker_is_retried_then_prefilled_on_decode(pool: Route
     assert _delta(after, before, "tandem_router_routed_total", path="disaggregated") == 2
     assert _delta(after, before, "tandem_router_fallbacks_total") == 0
 
-    # Only the dead worker left in the prefill pool: it is tried (all cooling down:
-    # offered anyway), fails, no other is left, and the decode worker prefills.
-    pool.router.set_endpoints("prefill", [dead])
-    try:
-        before = after
-        decode_before = cluster.scrape(pool.decode)
-        text, token_ids, usage = _completion(
-            _stream(pool.router, "/v1/completions", {**COMPLETION, **STREAM})
-        )
-        assert (text, token_ids) == (expected["text"], expected["token_ids"])
-        after = _router_metrics(pool)
-        assert _delta(after, before, "tandem_router_fallbacks_total", reason="prefill_failed") == 1
-        assert _delta(after, before, "tandem_router_routed_total", path="fallback") == 1
-        assert _delta(after, before, "tandem_router_upstream_errors_total", role="prefill") == 1
-        assert _delta(after, before, "tandem_router_requests_total", outcome="ok") == 1
-        # Prefilled locally this time: nothing came over NIXL.
-        time.sleep(2.0)
-        assert _delta(cluster.scrape(pool.decode), decode_before, BY_SOURCE, **EXTERNAL) == 0
-        assert usage["prompt_tokens"] > 128
-    finally:
-        pool.router.set_endpoints("prefill", [pool.prefill_b.url])
+    # The last prefill worker dies too: both in the pool are dead. The live-looking
+    # one is tried, fails, the retry goes to the one cooling down (all are: offered
+    # anyway), fails, and the decode worker prefills the prompt itself.
+    cluster.kill(pool.prefill)
+    before = after
+    decode_before = cluster.scrape(pool.decode)
+    # A salt of its own: the decode worker computes the whole prompt (no prefix
+    # cache hit from the rounds above).
+    body = {**COMPLETION, **STREAM, "cache_salt": "router-fallback"}
+    text, token_ids, usage = _completion(_stream(pool.router, "/v1/completions", body))
+    assert (text, token_ids) == (expected["text"], expected["token_ids"])
+    after = _router_metrics(pool)
+    assert _delta(after, before, "tandem_router_fallbacks_total", reason="prefill_failed") == 1
+    assert _delta(after, before, "tandem_router_routed_total", path="fallback") == 1
+    assert _delta(after, before, "tandem_router_retries_total", role="prefill") == 1
+    assert _delta(after, before, "tandem_router_upstream_errors_total", role="prefill") == 2
+    assert _delta(after, before, "tandem_router_requests_total", outcome="ok") == 1
+    # Prefilled locally this time: nothing came over NIXL.
+    time.sleep(2.0)
+    assert _delta(cluster.scrape(pool.decode), decode_before, BY_SOURCE, **EXTERNAL) == 0
+    assert usage["prompt_tokens"] > 128
 
 
+@pytest.mark.kills_vllm_workers
 def test_a_decode_worker_killed_mid_stream_ends_the_stream_cleanly(pool: RoutedPool) -> None:
-    pool.router.set_endpoints("prefill", [pool.prefill_b.url])
+    # No prefill worker left alive (the test above): an empty pool, so the decode
+    # worker prefills at once and streams.
+    pool.router.set_endpoints("prefill", [])
     before = _router_metrics(pool)
     body = {**CHAT, **STREAM, "max_tokens": 400}
     events: list[str] = []
@@ -299,6 +304,7 @@ def test_a_decode_worker_killed_mid_stream_ends_the_stream_cleanly(pool: RoutedP
     assert len(tokens) < 400
     after = _router_metrics(pool)
     assert _delta(after, before, "tandem_router_requests_total", outcome="broken_stream") == 1
+    assert _delta(after, before, "tandem_router_routed_total", path="fallback") == 1
 
     # The router stays up and answers the next request at once with an error.
     health = httpx.get(pool.router.url + "/health", timeout=5.0)
