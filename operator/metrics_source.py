@@ -203,6 +203,8 @@ class Source:
     def __init__(self, settings: SourceSettings, query: Query | None = None) -> None:
         self.settings = settings
         self._query = query or prometheus_query(settings)
+        self._failing: dict[tuple[str, str], str] = {}
+        """Per (pool, role), the query error last logged: logged once, not every tick."""
 
     async def _run(self, promql: Mapping[str, str]) -> dict[str, list[dict[str, Any]]]:
         keys = list(promql)
@@ -222,11 +224,16 @@ class Source:
         """One role's reading; unavailable (with the reason) rather than zeros."""
         selector = _selector(self.settings, pool, role, namespace)
         promql = queries(selector, role, spec.percentile, window, warmup)
+        key = (pool if namespace is None else f"{namespace}/{pool}", role)
         try:
             raw = await self._run(promql)
         except QueryError as exc:
-            logger.warning("[%s/%s] %s", pool, role, exc)
+            if self._failing.get(key) != str(exc):
+                logger.warning("[%s/%s] %s (logged again only if it changes)", *key, exc)
+            self._failing[key] = str(exc)
             return Reading(autoscaling.MetricsUnavailable(str(exc)))
+        if self._failing.pop(key, None) is not None:
+            logger.info("[%s/%s] Prometheus answers again", *key)
         targets = int(_scalar(raw["targets"]) or 0)
         warm = int(_scalar(raw["warm"]) or 0)
         if targets == 0:

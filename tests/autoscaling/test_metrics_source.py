@@ -100,6 +100,33 @@ def test_query_error_is_unavailable() -> None:
     assert (plan.decode.replicas, plan.decode.metrics_available) == (3, False)
 
 
+def test_an_outage_is_logged_once_and_its_end_too(caplog: pytest.LogCaptureFixture) -> None:
+    down = True
+
+    def query(promql: str) -> list[dict[str, Any]]:
+        if down:
+            raise metrics_source.QueryError("Prometheus unreachable at http://x: refused")
+        return fake(HEALTHY)(promql)
+
+    source = metrics_source.Source(metrics_source.SourceSettings(), query=query)
+
+    def tick() -> metrics_source.Reading:
+        return asyncio.run(source.read(SPEC, "p", "decode", window=60, warmup=120))
+
+    caplog.set_level("INFO", logger=metrics_source.__name__)
+    for _ in range(5):
+        assert isinstance(tick().metrics, autoscaling.MetricsUnavailable)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert "unreachable" in warnings[0].getMessage()
+    down = False
+    assert isinstance(tick().metrics, autoscaling.RoleMetrics)
+    assert "answers again" in caplog.records[-1].getMessage()
+    down = True
+    tick()
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 2
+
+
 def test_closed_port_is_unreachable_quickly() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
