@@ -72,7 +72,10 @@ __all__ = [
     "RoleMetrics",
     "RoleState",
     "decide",
+    "erlang_c",
     "kv_at_tpot_objective",
+    "prefill_utilization",
+    "prefill_workers_needed",
     "pressures",
     "run",
 ]
@@ -164,8 +167,9 @@ class PlannerSpec:
     scale_down_ratio: float = 0.7
     """A smaller pool is recommended only if every ratio, projected onto it, stays
     below this: the hysteresis band under ``1 + tolerance``."""
-    prefill_utilization: float = 0.75
-    """Fraction of a prefill worker's capacity (prompt tokens/s) the pool is sized for."""
+    prefill_utilization: float = 0.9
+    """Most of a prefill worker's capacity (prompt tokens/s) the pool is sized for.
+    The pool's own size lowers it further: see :func:`prefill_utilization`."""
     prefill_capacity: float | None = None
     """Prompt tokens/s one prefill worker sustains, if known (profiled, e.g. from
     the GPU's roofline). When None the planner learns it: the load per worker of
@@ -321,12 +325,14 @@ class Pressure:
     """Human-readable, e.g. "TTFT p90 820ms"; the target is added by :meth:`describe`."""
 
     def describe(self) -> str:
+        """``text`` against the target, e.g. "TTFT p90 820ms > 500ms"."""
+        rel = ">" if self.ratio > 1 else "<="
         if self.signal in ("ttft", "tpot"):
-            rel = ">" if self.ratio > 1 else "<="
             return f"{self.text} {rel} {api.format_duration(self.target)}"
         if self.signal == "kv":
-            rel = ">" if self.ratio > 1 else "<="
             return f"{self.text} {rel} {self.target:.0%}"
+        if self.signal == "load":
+            return f"{self.text} {rel} {self.target:.0f} tok/s"
         return f"{self.text} (target {self.target:.3g})"
 
 
@@ -442,13 +448,88 @@ def pressures(
     if role == "prefill" and m.prompt_token_rate is not None:
         capacity = spec.prefill_capacity or state.capacity
         if capacity:
-            target = capacity * spec.prefill_utilization * warm
+            service = None
+            if m.request_rate and m.prompt_token_rate > 0:
+                service = m.prompt_token_rate / m.request_rate / capacity
+            target = capacity * prefill_utilization(spec, warm, service) * warm
             load = _ahead(spec, state, 1, m.prompt_token_rate, now)
             text = f"prompt load {m.prompt_token_rate:.0f} tok/s"
             if load > m.prompt_token_rate * 1.005:
                 text += f" (rising: {load:.0f} in {_ms(spec.lead)})"
-            out.append(Pressure("load", load, target, load / target, text))
+            # The ratio is of workers needed (each size at its own utilization) to
+            # workers measured, so that ``ceil(warm * ratio)`` is the pool that fits.
+            needed = prefill_workers_needed(spec, load / capacity, service)
+            out.append(Pressure("load", load, target, needed / warm, text))
     return tuple(out)
+
+
+def erlang_c(servers: int, offered: float) -> float:
+    """Probability that a request waits (Erlang C): ``servers`` workers, ``offered``
+    load in workers (arrival rate x mean service time); 1 when ``offered >= servers``."""
+    if servers < 1 or offered >= servers:
+        return 1.0
+    if offered <= 0:
+        return 0.0
+    blocking = 1.0  # Erlang B by its recurrence, stable for any pool size
+    for k in range(1, servers + 1):
+        blocking = offered * blocking / (k + offered * blocking)
+    return servers * blocking / (servers - offered * (1 - blocking))
+
+
+def queue_wait_quantile_ok(
+    servers: int, utilization: float, service: float, wait: float, q: float
+) -> bool:
+    """Whether ``servers`` workers at ``utilization`` keep the ``q`` quantile of the
+    queueing delay within ``wait`` seconds (M/M/c: ``P(W > t) = C · e^(-(c-a)t/s)``,
+    with mean service time ``service``; exponential service times make it cautious)."""
+    if wait <= 0:
+        return False
+    offered = servers * utilization
+    tail = erlang_c(servers, offered) * math.exp(-(servers - offered) * wait / service)
+    return tail <= 1 - q
+
+
+def prefill_utilization(spec: PlannerSpec, workers: int, service: float | None) -> float:
+    """The share of its capacity a prefill pool of ``workers`` may run at and still
+    keep TTFT within the objective at the SLO percentile: the highest utilization
+    (at most ``spec.prefill_utilization``) at which the queueing delay's
+    percentile, plus the mean prefill time ``service`` (seconds), stays within the
+    TTFT objective. One worker must run far below capacity for that, ten nearly
+    full: a pool's spare room shrinks as it grows. Without a service time (no
+    request finished in the window) it is ``spec.prefill_utilization``."""
+    cap = spec.prefill_utilization
+    if service is None or service <= 0:
+        return cap
+    n, wait, q = max(1, workers), spec.ttft - service, spec.percentile / 100
+    if queue_wait_quantile_ok(n, cap, service, wait, q):
+        return cap
+    lo, hi = 0.0, cap
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if queue_wait_quantile_ok(n, mid, service, wait, q):
+            lo = mid
+        else:
+            hi = mid
+    return max(lo, _MIN_UTILIZATION)
+
+
+def prefill_workers_needed(spec: PlannerSpec, offered: float, service: float | None) -> float:
+    """Prefill workers for ``offered`` load (in workers: prompt tokens/s over one
+    worker's capacity), each pool size at its :func:`prefill_utilization`;
+    fractional between sizes, so that ``ceil`` of it is the smallest pool that fits."""
+    if offered <= 0:
+        return 0.0
+    below = 0.0  # load the pool of n - 1 workers carries
+    for n in range(1, 4097):
+        fits = n * prefill_utilization(spec, n, service)
+        if offered <= fits:
+            return n - 1 + (offered - below) / max(fits - below, _EPSILON)
+        below = fits
+    return offered / spec.prefill_utilization
+
+
+_MIN_UTILIZATION = 0.05
+"""Floor of :func:`prefill_utilization` (an objective no pool size can meet)."""
 
 
 def kv_at_tpot_objective(spec: PlannerSpec, state: RoleState) -> float | None:

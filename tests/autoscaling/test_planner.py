@@ -8,6 +8,7 @@ t=seconds and returns the last plan; ``follow(...)`` also applies each decision
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -306,7 +307,58 @@ def test_profiled_capacity_scales_up_before_ttft_breaks() -> None:
     spec = replace(SPEC, prefill_capacity=10_000)
     plan = hold(30, prefill=role(2, ttft=0.2, prompt_token_rate=24_000), spec=spec)
     assert plan.prefill is not None
-    assert plan.prefill.reason == "prefill 2→4: prompt load 24000 tok/s (target 1.5e+04)"
+    # No request rate, so no service time: the pool runs at up to 90% of capacity,
+    # 2.4 workers of load need 3.
+    assert plan.prefill.reason == "prefill 2→3: prompt load 24000 tok/s > 18000 tok/s"
+
+
+def test_erlang_c_known_values() -> None:
+    assert a.erlang_c(1, 0.3) == pytest.approx(0.3)  # M/M/1: P(wait) = utilization
+    assert a.erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert a.erlang_c(3, 3.0) == 1.0  # saturated
+    assert a.erlang_c(4, 0.0) == 0.0
+    assert a.erlang_c(100, 90.0) < a.erlang_c(10, 9.0)  # same utilization, less waiting
+
+
+SLO_SPEC = replace(SPEC, ttft=0.5, percentile=99, prefill_utilization=0.9)
+
+
+def test_prefill_utilization_one_worker_matches_mm1() -> None:
+    # M/M/1: P(W > t) = rho * exp(-(1 - rho) t / s) = 1% at the utilization found.
+    service = 0.06
+    rho = a.prefill_utilization(SLO_SPEC, 1, service)
+    wait = SLO_SPEC.ttft - service
+    assert rho * math.exp(-(1 - rho) * wait / service) == pytest.approx(0.01, rel=1e-3)
+    assert 0.4 < rho < 0.55
+
+
+@pytest.mark.parametrize(
+    ("service", "expect"),
+    [
+        (None, [0.9] * 5),  # nothing to model: the cap
+        (0.001, [0.9] * 5),  # service far below the objective: the cap everywhere
+        (0.06, "rising"),
+        (0.6, [0.05] * 5),  # the prefill alone is longer than the objective: the floor
+    ],
+)
+def test_prefill_utilization_by_pool_size(service: float | None, expect: Any) -> None:
+    got = [a.prefill_utilization(SLO_SPEC, n, service) for n in (1, 2, 4, 8, 16)]
+    if expect == "rising":
+        assert got == sorted(got)
+        assert got[0] < 0.6
+        assert got[-1] == 0.9
+    else:
+        assert got == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("offered", [0.3, 0.9, 1.0, 2.5, 7.2, 15.0])
+def test_prefill_workers_needed_is_the_smallest_pool_that_fits(offered: float) -> None:
+    service = 0.06
+    needed = a.prefill_workers_needed(SLO_SPEC, offered, service)
+    n = math.ceil(needed)
+    assert offered <= n * a.prefill_utilization(SLO_SPEC, n, service) + 1e-9
+    if n > 1:
+        assert offered > (n - 1) * a.prefill_utilization(SLO_SPEC, n - 1, service)
 
 
 def test_budget_refusal_is_reported_as_limited() -> None:
