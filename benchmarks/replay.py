@@ -43,10 +43,28 @@ def profiled_prefill_capacity(config: replay.ReplayConfig = CONFIG, prompt: int 
     return prompt / costs.step(0, 0, [(prompt, 0)])
 
 
+def profiled_kv_target(config: replay.ReplayConfig = CONFIG, context: int = 2125) -> float:
+    """The KV usage a decode worker may hold: ``tpot_headroom`` of the usage at which
+    its step time reaches the TPOT objective, sequences of ``context`` tokens each
+    (2000-token prompts halfway through 250 output tokens). What the planner's
+    fitted TPOT line learns at run time, profiled ahead of time from the roofline."""
+    costs = config.engine.costs()
+    lo, hi = 1, 4096
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if costs.step(mid, mid * context) <= config.tpot_slo:
+            lo = mid
+        else:
+            hi = mid
+    usage = lo * context / config.engine.kv_capacity
+    return autoscaling.PlannerSpec().tpot_headroom * min(1.0, usage)
+
+
 def planner_spec(reactive: bool = False) -> autoscaling.PlannerSpec:
     """The CRD's defaults (stabilization 30s up / 5m down, steps 2 up / 1 down,
-    4 queued per worker, 1m window) with the replay's SLOs; unless ``reactive``, a
-    lead of 90s (stabilization + provisioning delay) and a profiled prefill capacity."""
+    4 queued per worker, 1m window) with the replay's SLOs. Unless ``reactive``:
+    stabilization 15s up / 3m down, a lead of 75s (that plus the provisioning
+    delay), a profiled prefill capacity and a profiled KV target."""
     spec = autoscaling.PlannerSpec(
         policy="slo",
         ttft=CONFIG.ttft_slo,
@@ -64,8 +82,15 @@ def planner_spec(reactive: bool = False) -> autoscaling.PlannerSpec:
     )
     if reactive:
         return spec
-    lead = spec.scale_up_stabilization + CONFIG.provisioning_delay
-    return dataclasses.replace(spec, lead=lead, prefill_capacity=profiled_prefill_capacity())
+    up = 15.0
+    return dataclasses.replace(
+        spec,
+        scale_up_stabilization=up,
+        scale_down_stabilization=180.0,
+        lead=up + CONFIG.provisioning_delay,
+        prefill_capacity=profiled_prefill_capacity(),
+        kv_target=profiled_kv_target(),
+    )
 
 
 def workloads(quick: bool) -> dict[str, Callable[[], replay.Workload]]:
@@ -202,11 +227,11 @@ def _attains(
 
 def max_rate(prompt: int, tpot: float, layout: tuple[int, int], quick: bool) -> float:
     """Bisection on the arrival rate: the highest one still within both SLOs."""
-    seconds = 120.0 if quick else 300.0
+    seconds = 120.0 if quick else 180.0
     lo, hi = 0.0, 1.0
     while hi < 4096 and _attains(prompt, tpot, hi, layout, seconds):
         lo, hi = hi, hi * 2
-    for _ in range(5 if quick else 7):
+    for _ in range(5 if quick else 6):
         mid = (lo + hi) / 2
         if _attains(prompt, tpot, mid, layout, seconds):
             lo = mid
@@ -364,10 +389,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| hpa | a Kubernetes HPA per role on GPU utilization (busy time), target 70%, 10% tolerance, "
         "scale-up at once (at most x2 or +4), scale-down to the highest recommendation of 5 min |",
         "| tandem-reactive | `operator/autoscaling.py` with the CRD's defaults: stabilization 30 s up / "
-        "5 min down, steps +2/-1, 4 queued per worker; prefill capacity learned |",
-        f"| tandem | the same, plus `lead` = 90 s (stabilization + provisioning: rising KV usage and "
-        f"prompt load are extrapolated that far) and a profiled prefill capacity "
-        f"({profiled_prefill_capacity():,.0f} prompt tokens/s per worker: the roofline for 2k-token prompts) |",
+        "5 min down, steps +2/-1, 4 queued per worker; planner tunables at their defaults (hysteresis band "
+        "0.7-1.1; a prefill pool of n workers runs at the utilization Erlang C allows for TTFT at p99, at most "
+        "90%; decode KV held to 80% of the usage at which the fitted TPOT line meets the SLO, 80% until "
+        "fitted); prefill capacity learned |",
+        f"| tandem | the same with `scaleUpStabilization: 15s` and `scaleDownStabilization: 3m`, plus `lead` "
+        f"= 75 s (stabilization + provisioning: rising KV usage and prompt load are extrapolated that far), "
+        f"a profiled prefill capacity ({profiled_prefill_capacity():,.0f} prompt tokens/s per worker: the "
+        f"roofline for 2k-token prompts) and a profiled KV target ({profiled_kv_target():.0%}: 80% of the "
+        "usage at which the roofline's decode step reaches the TPOT objective) |",
         "| start | every strategy starts at the static-peak sizes, bounds 1-16 per role |",
         "",
     ]
@@ -417,11 +447,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             f"The most load (req/s, steady Poisson, output ~{SWEEP_OUTPUT} tokens) that {SWEEP_GPUS} GPUs carry "
             "with ≥99% of requests within both SLOs (TTFT ≤ 500 ms), colocated versus the best fixed "
-            "prefill:decode split (bisection on the rate, 7 steps).",
+            "prefill:decode split (bisection on the rate over 3-minute traces, 6 steps: about ±1.5%).",
             "",
             "| TPOT SLO | prompt (mean) | colocated | best split | its rate | winner | split / colocated |",
             "|---|---|---|---|---|---|---|",
         ]
+        winners: dict[float, list[tuple[int, str]]] = {}
         for tpot in SWEEP_TPOTS:
             for prompt in sorted({k[1] for k in sweep}):
                 colocated = sweep[(tpot, prompt, (0, SWEEP_GPUS))]
@@ -442,6 +473,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lines.append(
                     f"| {_ms(tpot)} | {prompt} | {colocated:.1f} | {bp}P:{bd}D | {best:.1f} | {winner} | {ratio} |"
                 )
+                winners.setdefault(tpot, []).append((prompt, winner))
+        lines += [
+            "",
+            "What `mode: auto` should follow (`autoThresholdTokens`: prompts below it skip the prefill hop):",
+            "",
+        ]
+        for tpot, by_prompt in winners.items():
+            wins = [prompt for prompt, winner in by_prompt if winner == "disaggregated"]
+            local = [prompt for prompt, winner in by_prompt if winner != "disaggregated"]
+            if not wins:
+                advice = "colocated serving carried at least as much at every prompt length: prefill locally"
+            else:
+                first = min(wins)
+                below = [p for p in local if p < first]
+                advice = f"disaggregation pays from {first}-token prompts" + (
+                    f"; up to {max(below)} tokens, prefill locally" if below else ""
+                )
+            lines.append(f"- TPOT ≤ {_ms(tpot)}: {advice}.")
         lines.append("")
     lines += [
         "## What the simulation leaves out",
@@ -455,6 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "- The planner sees exact percentiles over its window (Prometheus sees histogram buckets).",
         "",
     ]
+    # A hand-written "## Findings" section of the previous report survives a rerun.
+    previous = args.out.read_text() if args.out.exists() else ""
+    marker = "\n## Findings"
+    if marker in previous:
+        lines.append(previous[previous.index(marker) + 1 :].rstrip("\n") + "\n")
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return 0
