@@ -5,7 +5,7 @@ The simulation is :mod:`tandem.operator.replay` (virtual time, the emulator's
 H100 roofline for Llama-3.1-8B); this script only chooses the scenarios, runs
 them (in parallel processes) and writes the report and the plots.
 
-    .venv/bin/python benchmarks/replay.py                    # full run, ~10 min on 2 cores
+    .venv/bin/python benchmarks/replay.py                    # full run, ~4 min on 2 cores
     .venv/bin/python benchmarks/replay.py --quick            # 20-minute traces, smaller sweep
     .venv/bin/python benchmarks/replay.py --workloads bursty --no-sweep --no-plots
 
@@ -336,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plots-dir", type=Path, default=ROOT / "docs")
     args = parser.parse_args(argv)
     names = [n for n in args.workloads.split(",") if n]
+    if not args.no_plots:
+        args.plots_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     kinds = ("static", "colocated", "hpa", "tandem-reactive", "tandem")
 
