@@ -392,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scale-up at once (at most x2 or +4), scale-down to the highest recommendation of 5 min |",
         "| tandem-reactive | `operator/autoscaling.py` with the CRD's defaults: stabilization 30 s up / "
         "5 min down, steps +2/-1, 4 queued per worker; planner tunables at their defaults (hysteresis band "
-        "0.7-1.1; a prefill pool of n workers runs at the utilization Erlang C allows for TTFT at p99, at most "
+        "0.8-1.1; a prefill pool of n workers runs at the utilization Erlang C allows for TTFT at p99, at most "
         "90%; decode KV held to 80% of the usage at which the fitted TPOT line meets the SLO, 80% until "
         "fitted); prefill capacity learned |",
         f"| tandem | the same with `scaleUpStabilization: 15s` and `scaleDownStabilization: 3m`, plus `lead` "

@@ -21,8 +21,9 @@ How a role's size is chosen, per tick:
    ``policy: queue`` keeps only the queue ratios.
 2. **Ratios → recommendation.** A latency ratio above 1, or a proportional one
    (queue, KV, load) above ``1 + tolerance``, recommends ``ceil(warm * ratio)``
-   workers (the HPA's proportional rule). While workers are still starting,
-   latency and queue (which cannot show them yet) ask for nothing beyond them:
+   workers (the HPA's proportional rule). While workers are still starting or
+   warming up, latency and queue (which cannot show them yet) ask for nothing
+   beyond them:
    pods not ready count as capacity on its way. Otherwise the smallest pool on
    which the ratios, projected as ``ratio * warm / n``, stay under
    ``scale_down_ratio`` is recommended; when latency is well inside its objective
@@ -164,7 +165,7 @@ class PlannerSpec:
     """Ticks needed before the fit is used."""
     fit_min_spread: float = 0.03
     """Standard deviation of KV usage the ticks must show before the fit is used."""
-    scale_down_ratio: float = 0.7
+    scale_down_ratio: float = 0.8
     """A smaller pool is recommended only if every ratio, projected onto it, stays
     below this: the hysteresis band under ``1 + tolerance``."""
     prefill_utilization: float = 0.9
@@ -635,9 +636,10 @@ def _recommend(
         return _Recommendation(current, current, None)
     top = max(signals, key=lambda p: p.ratio)
     breaching = [p for p in signals if p.ratio > _threshold(spec, p)]
-    if inputs.pending:
-        # Latency and queue lag: they cannot show the workers still starting yet,
-        # so they ask for nothing beyond them. A forecast of load still can.
+    if inputs.pending or inputs.warming:
+        # Latency and queue lag: they cannot show the workers still starting (or
+        # just started) yet, so they ask for nothing beyond them. A forecast of
+        # load still can.
         lagging = [p for p in breaching if p.signal in _LAGGING]
         breaching = [p for p in breaching if p.signal not in _LAGGING]
         if lagging and not breaching:

@@ -357,8 +357,10 @@ class ReplayConfig:
     tpot_slo: float = 0.025
     provisioning_delay: float = 60.0
     """Seconds from asking for a worker to its serving (scheduling, image, weights)."""
-    warmup: float = 30.0
-    """Seconds after a worker is ready before its samples count (autoscalers only)."""
+    warmup: float = 120.0
+    """Seconds after a worker is ready before its samples count (autoscalers only):
+    the CRD's default. At least ``window``, so that no signal of a warm worker
+    still holds the time before the workers that just joined served."""
     interval: float = 15.0
     """Seconds between autoscaler ticks."""
     window: float = 60.0

@@ -26,6 +26,8 @@ SPEC = a.PlannerSpec(
     interval=15,
     scale_up_stabilization=30,
     scale_down_stabilization=300,
+    # Pinned, so that the expectations below do not move with the defaults.
+    scale_down_ratio=0.7,
 )
 
 
@@ -134,6 +136,8 @@ CASES = [
     Case("pending-short-of-forecast-load", 30,
          prefill=role(3, ready=2, ttft=1.0, prompt_token_rate=60_000),
          spec={"prefill_capacity": 10_000}, expect_prefill=5, reason="prefill 3→5: prompt load"),
+    Case("warming-workers-hold-lagging-signals", 60, prefill=role(3, warming=1, ttft=2.0),
+         expect_prefill=3, reason="TTFT p90 2s > 500ms; 1 worker(s) on the way"),
     Case("warming-samples-ignored", 60, prefill=role(2, warming=2, ttft=3.0), expect_prefill=2,
          reason="2 warming up, 0 starting: no signal from a warm worker yet"),
     Case("no-scale-down-while-starting", 600, decode=role(4, ready=3, tpot=0.01, kv_usage=0.05),
