@@ -39,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -302,12 +302,9 @@ class WorkerProcess:
         then the whole group after ``stop_timeout_s``, then SIGKILL; then the
         shared memory the group left behind (see :meth:`_finish`). A no-op once
         stopped (or killed): returns the same exit code again."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if self._stopped:
-            return proc.returncode
-        held = shm_held_by_group(proc.pid)
+        return self._end(self._terminate)
+
+    def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
             logger.info("[%s] stopping pid %d", self.settings.name, proc.pid)
             with contextlib.suppress(ProcessLookupError):
@@ -321,21 +318,28 @@ class WorkerProcess:
                 )  # fmt: skip
                 _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
-        return self._finish(proc, held)
 
     def kill_sync(self) -> int | None:
         """A crash: SIGKILL to the worker's whole process group (no shutdown of any
         of its processes), then the same reaping and cleanup as :meth:`stop_sync`.
         A no-op once stopped (or killed)."""
+        return self._end(self._kill)
+
+    def _kill(self, proc: subprocess.Popen[bytes]) -> None:
+        logger.info("[%s] killing process group %d", self.settings.name, proc.pid)
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def _end(self, how: Callable[[subprocess.Popen[bytes]], None]) -> int | None:
+        """Stop the server with ``how``, then :meth:`_finish`; the shared memory its
+        group holds is noted first, before any signal."""
         proc = self._proc
         if proc is None:
             return None
         if self._stopped:
             return proc.returncode
         held = shm_held_by_group(proc.pid)
-        logger.info("[%s] killing process group %d", self.settings.name, proc.pid)
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
+        how(proc)
         return self._finish(proc, held)
 
     def _finish(self, proc: subprocess.Popen[bytes], held: Mapping[str, int]) -> int | None:
