@@ -284,22 +284,9 @@ def plot(workload: str, results: dict[str, replay.Result], path: Path) -> bool:
             continue
         t = [p.time / 60 for p in res.timeline]
         style = styles[name]
-        axes[0].step(
-            t,
-            [p.prefill for p in res.timeline],
-            style,
-            where="post",
-            label=f"{name} prefill",
-            color="tab:blue",
-        )
-        axes[0].step(
-            t,
-            [p.decode for p in res.timeline],
-            style,
-            where="post",
-            label=f"{name} decode",
-            color="tab:orange",
-        )
+        for role, color in (("prefill", "tab:blue"), ("decode", "tab:orange")):
+            workers = [getattr(p, role) for p in res.timeline]
+            axes[0].step(t, workers, style, where="post", label=f"{name} {role}", color=color)
         if name in ("static", "tandem"):
             for ax, attr in ((axes[1], "ttft"), (axes[2], "tpot")):
                 values = [getattr(p, attr) for p in res.timeline]

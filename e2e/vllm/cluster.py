@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,20 @@ REQUEST_TIMEOUT_S = 120.0
 MAIN_SHAPE = tinymodel.TinyShape()
 OTHER_SHAPE = tinymodel.TinyShape(num_hidden_layers=3, num_key_value_heads=4)
 """The mismatched prefill model: another seed and another KV-cache shape."""
+
+GREEDY: Mapping[str, Any] = {"temperature": 0, "max_tokens": 16, "ignore_eos": True}
+"""Sampling of every compared request: greedy, a fixed number of tokens."""
+
+
+def completion_body(prompt: str) -> dict[str, Any]:
+    """A greedy completion of ``prompt`` that returns its token ids."""
+    return {"model": SERVED_NAME, "prompt": prompt, "return_token_ids": True, **GREEDY}
+
+
+def chat_body(content: str) -> dict[str, Any]:
+    """A greedy chat completion of one user message."""
+    return {"model": SERVED_NAME, "messages": [{"role": "user", "content": content}], **GREEDY}
+
 
 PREFILL_PARAMS: Mapping[str, Any] = {"do_remote_decode": True}
 """What the router sends with step (1): keep the KV blocks for a remote decode."""
@@ -185,6 +200,21 @@ def prefill_then_decode(
     prefilled: dict[str, Any] = response.json()
     second = {**body, "kv_transfer_params": prefilled["kv_transfer_params"]}
     return prefilled, post(decode, path, second)
+
+
+def warm_up(prefill: launcher.WorkerProcess, decode: launcher.WorkerProcess) -> bool:
+    """The NIXL handshake of ``decode`` with ``prefill``, done by hand before any
+    measured request. A decode worker meets a prefill engine over NIXL's side
+    channel on the first request that names it, and vLLM waits at most 5 s for the
+    reply; two busy cores can miss that (HTTP 500). One round, retried; False when
+    no round succeeded."""
+    body = completion_body("Warm up the NIXL handshake, please.")
+    for _ in range(3):
+        _, response = prefill_then_decode(prefill, decode, "/v1/completions", body)
+        if response.status_code == 200:
+            return True
+        time.sleep(2)
+    return False
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

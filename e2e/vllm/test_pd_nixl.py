@@ -12,21 +12,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from e2e.vllm.cluster import (
+    GREEDY,
     MAIN_SHAPE,
     OTHER_SHAPE,
-    SERVED_NAME,
     Cluster,
     Samples,
+    chat_body,
+    completion_body,
     prefill_then_decode,
     reference,
     scrape,
     scrape_text,
     total,
+    warm_up,
 )
 from tandem.workers import launcher, tinymodel
 
@@ -39,15 +41,8 @@ PROMPT = (
 ) * 3
 """About 200 tokens: more than one KV block of the CPU backend (128 tokens)."""
 
-GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 16, "ignore_eos": True}
-COMPLETION: dict[str, Any] = {
-    "model": SERVED_NAME, "prompt": PROMPT, "return_token_ids": True, **GREEDY
-}  # fmt: skip
-CHAT: dict[str, Any] = {
-    "model": SERVED_NAME,
-    "messages": [{"role": "user", "content": "Tell me a story about a small robot."}],
-    **GREEDY,
-}
+COMPLETION = completion_body(PROMPT)
+CHAT = chat_body("Tell me a story about a small robot.")
 
 EXTERNAL = {"source": "external_kv_transfer"}
 FAILED = "vllm:nixl_num_failed_transfers_total"
@@ -94,21 +89,11 @@ def _log_since(worker: launcher.WorkerProcess, offset: int, needle: str) -> str:
 
 @pytest.fixture(scope="module")
 def pd(vllm_cluster: Cluster) -> Cluster:
-    """The cluster once decode has shaken hands with prefill.
-
-    A decode worker meets a prefill engine over NIXL's side channel on the first
-    request that names it, and vLLM waits at most 5 s for the reply; on two busy
-    cores that can time out (the request then fails with HTTP 500). One warm-up
-    round, retried, keeps that out of the measured requests.
-    """
+    """The cluster once decode has shaken hands with prefill (:func:`warm_up`)."""
     c = vllm_cluster
-    body = {**COMPLETION, "prompt": "Warm up the NIXL handshake, please."}
-    for _ in range(3):
-        _, response = prefill_then_decode(c.prefill, c.decode, "/v1/completions", body)
-        if response.status_code == 200:
-            return c
-        time.sleep(2)
-    pytest.fail(f"no P/D round succeeded; decode log:\n{c.decode.log_tail(60)}")
+    if not warm_up(c.prefill, c.decode):
+        pytest.fail(f"no P/D round succeeded; decode log:\n{c.decode.log_tail(60)}")
+    return c
 
 
 def test_decode_output_equals_aggregated_reference(pd: Cluster) -> None:

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from e2e.vllm import cluster
-from e2e.vllm.cluster import SERVED_NAME, Samples, total
+from e2e.vllm.cluster import GREEDY, SERVED_NAME, Samples, total
 from tandem.router import settings
 from tandem.workers import launcher
 
@@ -39,15 +39,8 @@ PROMPT = (
 ) * 3
 """About 150 tokens: more than one KV block of the CPU backend."""
 
-GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 16, "ignore_eos": True}
-COMPLETION: dict[str, Any] = {
-    "model": SERVED_NAME, "prompt": PROMPT, "return_token_ids": True, **GREEDY
-}  # fmt: skip
-CHAT: dict[str, Any] = {
-    "model": SERVED_NAME,
-    "messages": [{"role": "user", "content": "Tell me how a router finds a decode worker."}],
-    **GREEDY,
-}
+COMPLETION = cluster.completion_body(PROMPT)
+CHAT = cluster.chat_body("Tell me how a router finds a decode worker.")
 STREAM: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
 
 EXTERNAL = {"source": "external_kv_transfer"}
@@ -112,17 +105,10 @@ def pool(vllm_cluster: cluster.Cluster, references: References) -> Iterator[Rout
 
 
 def _warm_up(prefill: launcher.WorkerProcess, decode: launcher.WorkerProcess) -> None:
-    """The NIXL handshake of ``decode`` with ``prefill``, done by hand before the
-    router sees them (already done when test_pd_nixl.py ran): vLLM waits at most
-    5 s for it, which two busy cores can miss (HTTP 500), so one round, retried,
-    keeps it out of the measured requests."""
-    body = {**COMPLETION, "prompt": "Warm up the NIXL handshake, please."}
-    for _ in range(3):
-        _, response = cluster.prefill_then_decode(prefill, decode, "/v1/completions", body)
-        if response.status_code == 200:
-            return
-        time.sleep(2)
-    pytest.fail(f"no P/D round {prefill.settings.name} → decode:\n{decode.log_tail(60)}")
+    """:func:`cluster.warm_up` before the router sees them (already done when
+    test_pd_nixl.py ran)."""
+    if not cluster.warm_up(prefill, decode):
+        pytest.fail(f"no P/D round {prefill.settings.name} → decode:\n{decode.log_tail(60)}")
 
 
 # -- helpers -------------------------------------------------------------------
