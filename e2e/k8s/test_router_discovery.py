@@ -56,11 +56,36 @@ def apply(kubeconfig: Path, obj: dict[str, Any]) -> None:
     kubectl(kubeconfig, "apply", "--server-side", "-f", "-", stdin=json.dumps(obj))
 
 
-async def next_for(queue: asyncio.Queue[tuple[str, list[str]]], role: str) -> list[str]:
-    while True:
-        got_role, urls = await asyncio.wait_for(queue.get(), timeout=20)
-        if got_role == role:
-            return urls
+WAIT = 20.0
+"""Seconds to wait for the watch to publish a change."""
+
+
+class Published:
+    """What the watch has published so far, the latest list per role.
+
+    The two roles' watches run concurrently, so their events arrive in either
+    order: waiting on one role must not throw away the other's."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[str, list[str]]] = asyncio.Queue()
+        self.latest: dict[str, list[str]] = {}
+        self.history: list[tuple[str, list[str]]] = []
+
+    def sink(self, role: str, urls: Sequence[str]) -> None:
+        self.queue.put_nowait((role, list(urls)))
+
+    async def until(self, role: str, urls: list[str]) -> None:
+        """Wait until ``role``'s latest published list is ``urls``."""
+        try:
+            async with asyncio.timeout(WAIT):
+                while self.latest.get(role) != urls:
+                    got_role, got = await self.queue.get()
+                    self.latest[got_role] = got
+                    self.history.append((got_role, got))
+        except TimeoutError:
+            raise AssertionError(
+                f"{role}: waited {WAIT}s for {urls}, latest is {self.latest.get(role)}"
+            ) from None
 
 
 async def test_watch_follows_ready_endpoints(kubeconfig: Path, namespace: str) -> None:
@@ -77,33 +102,30 @@ async def test_watch_follows_ready_endpoints(kubeconfig: Path, namespace: str) -
         kubeconfig=str(kubeconfig),
     )  # fmt: skip
     watcher = discovery.KubernetesDiscovery(config, discovery.ApiServer.from_kubeconfig(kubeconfig))
-    queue: asyncio.Queue[tuple[str, list[str]]] = asyncio.Queue()
-
-    def sink(role: str, urls: Sequence[str]) -> None:
-        queue.put_nowait((role, list(urls)))
-
-    task = asyncio.create_task(watcher.run(sink))
+    published = Published()
+    task = asyncio.create_task(watcher.run(published.sink))
     try:
-        assert await next_for(queue, "decode") == ["http://192.0.2.1:8000"]
-        assert await next_for(queue, "prefill") == ["http://192.0.2.3:8000"]
+        await published.until("decode", ["http://192.0.2.1:8000"])
+        await published.until("prefill", ["http://192.0.2.3:8000"])
 
         # A worker turns ready; a second slice of the same Service adds one more.
         apply(kubeconfig, endpoint_slice("pool-decode-a", "pool-decode", namespace,
                                          {"192.0.2.1": True, "192.0.2.2": True}))  # fmt: skip
-        assert await next_for(queue, "decode") == ["http://192.0.2.1:8000", "http://192.0.2.2:8000"]
+        await published.until("decode", ["http://192.0.2.1:8000", "http://192.0.2.2:8000"])
         apply(
             kubeconfig,
             endpoint_slice("pool-decode-b", "pool-decode", namespace, {"192.0.2.4": True}),
         )
-        assert await next_for(queue, "decode") == [
+        await published.until("decode", [
             "http://192.0.2.1:8000", "http://192.0.2.2:8000", "http://192.0.2.4:8000",
-        ]  # fmt: skip
+        ])  # fmt: skip
 
         # A slice goes away: its workers go with it.
         kubectl(kubeconfig, "-n", namespace, "delete", "endpointslice", "pool-decode-a")
-        assert await next_for(queue, "decode") == ["http://192.0.2.4:8000"]
+        await published.until("decode", ["http://192.0.2.4:8000"])
         kubectl(kubeconfig, "-n", namespace, "delete", "endpointslice", "pool-prefill-a")
-        assert await next_for(queue, "prefill") == []
+        await published.until("prefill", [])
+        assert not [h for h in published.history if "http://192.0.2.9:8000" in h[1]]
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
