@@ -20,6 +20,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import math
 import sys
 import time
@@ -171,6 +172,12 @@ def _strategy(kind: str, prefill: int, decode: int) -> replay.Strategy:
     raise ValueError(kind)
 
 
+def run_hindsight(quick: bool, workload: str) -> tuple[Row, replay.Result]:
+    wl = workloads(quick)[workload]()
+    res = replay.replay(wl, hindsight_schedule(quick, workload), CONFIG)
+    return _row(res, "hindsight"), res
+
+
 def run_one(
     quick: bool, workload: str, kind: str, prefill: int, decode: int, label: str = ""
 ) -> tuple[Row, replay.Result]:
@@ -179,30 +186,73 @@ def run_one(
     return _row(res, label or kind), res
 
 
-def search_static(quick: bool, workload: str) -> tuple[int, int]:
-    """The smallest static pools that keep ≥99% of requests within both SLOs."""
-    wl = workloads(quick)[workload]()
+Scores = tuple[float, float, float]
+"""Share of requests within the TTFT SLO, within the TPOT SLO, within both."""
 
-    def run(p: int, d: int) -> replay.Result:
-        return replay.replay(wl, replay.Static(p, d), CONFIG)
 
-    p = next(
-        (n for n in range(1, MAX_REPLICAS + 1) if run(n, MAX_REPLICAS).ttft_attainment >= 0.995),
-        MAX_REPLICAS,
-    )
-    d = next(
-        (n for n in range(1, MAX_REPLICAS + 1) if run(MAX_REPLICAS, n).tpot_attainment >= 0.995),
-        MAX_REPLICAS,
-    )
-    for _ in range(2 * MAX_REPLICAS):
-        res = run(p, d)
-        if res.attainment >= ATTAINMENT_GOAL or (p, d) == (MAX_REPLICAS, MAX_REPLICAS):
-            break
-        if res.ttft_attainment <= res.tpot_attainment and p < MAX_REPLICAS:
-            p += 1
-        else:
-            d = min(MAX_REPLICAS, d + 1)
+def _scores(outcomes: Sequence[replay.RequestOutcome]) -> Scores:
+    n = max(1, len(outcomes))
+    ttft = [o.ttft <= CONFIG.ttft_slo for o in outcomes]
+    tpot = [o.tpot <= CONFIG.tpot_slo for o in outcomes]
+    return sum(ttft) / n, sum(tpot) / n, sum(a and b for a, b in zip(ttft, tpot, strict=True)) / n
+
+
+def smallest_pools(run: Callable[[int, int], Scores]) -> tuple[int, int]:
+    """The smallest static pools that keep ≥99% of requests within both SLOs: each
+    role alone first (the other at its most), then one worker at a time to the
+    role whose growth helps more (a TTFT miss can be the decode side's: the first
+    token waits for room in a decode worker)."""
+    run = functools.cache(run)
+    top = MAX_REPLICAS
+    p = next((n for n in range(1, top + 1) if run(n, top)[0] >= 0.995), top)
+    d = next((n for n in range(1, top + 1) if run(top, n)[1] >= 0.995), top)
+    while (p, d) != (top, top) and run(p, d)[2] < ATTAINMENT_GOAL:
+        grow = [(p + 1, d)] if p < top else []
+        grow += [(p, d + 1)] if d < top else []
+        p, d = max(grow, key=lambda pd: run(*pd)[2])
     return p, d
+
+
+def search_static(quick: bool, workload: str) -> tuple[int, int]:
+    """The smallest static pools for the whole trace: static peak provisioning."""
+    wl = workloads(quick)[workload]()
+    return smallest_pools(
+        lambda p, d: _scores(replay.replay(wl, replay.Static(p, d), CONFIG).outcomes)
+    )
+
+
+HINDSIGHT_BLOCK = 120.0
+"""Seconds of trace the hindsight schedule sizes the pools for at a time."""
+HINDSIGHT_LEAD_IN = 60.0
+"""Seconds of arrivals before a block replayed with it (and not scored), so that
+the block does not start on idle workers."""
+
+
+def hindsight_schedule(quick: bool, workload: str) -> replay.Scheduled:
+    """The pools an autoscaler with perfect foresight would have: for every block
+    of the trace, the smallest static pools that keep ≥99% of that block's
+    requests within both SLOs (:class:`replay.Scheduled` asks for each growth a
+    provisioning delay ahead). The ceiling of any autoscaler at this granularity."""
+    wl = workloads(quick)[workload]()
+    changes: list[tuple[float, int, int]] = []
+    t = 0.0
+    while t < wl.duration:
+        t0, t1 = max(0.0, t - HINDSIGHT_LEAD_IN), min(wl.duration, t + HINDSIGHT_BLOCK)
+        shifted = tuple(
+            dataclasses.replace(r, arrival=r.arrival - t0)
+            for r in wl.requests
+            if t0 <= r.arrival < t1
+        )
+        block = replay.Workload(wl.name, shifted, t1 - t0, wl.description)
+
+        def run(p: int, d: int, skip: float = t - t0, block: replay.Workload = block) -> Scores:
+            res = replay.replay(block, replay.Static(p, d), CONFIG)
+            return _scores([o for o in res.outcomes if o.request.arrival >= skip])
+
+        changes.append((t, *smallest_pools(run)))
+        t += HINDSIGHT_BLOCK
+    (_, p0, d0), *rest = changes
+    return replay.Scheduled(p0, d0, tuple(rest), name="hindsight")
 
 
 # ---------------------------------------------------------------------------
@@ -277,8 +327,10 @@ def plot(workload: str, results: dict[str, replay.Result], path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
-    styles = {"static": ":", "hpa": "-.", "tandem": "-", "tandem-reactive": "--"}
-    for name in ("static", "tandem", "tandem-reactive", "hpa"):
+    styles: dict[str, str | tuple[int, tuple[int, ...]]] = {
+        "static": ":", "hpa": "-.", "tandem": "-", "tandem-reactive": "--", "hindsight": (0, (1, 1)),
+    }  # fmt: skip
+    for name in ("static", "hindsight", "tandem", "tandem-reactive", "hpa"):
         res = results.get(name)
         if res is None:
             continue
@@ -286,12 +338,17 @@ def plot(workload: str, results: dict[str, replay.Result], path: Path) -> bool:
         style = styles[name]
         for role, color in (("prefill", "tab:blue"), ("decode", "tab:orange")):
             workers = [getattr(p, role) for p in res.timeline]
-            axes[0].step(t, workers, style, where="post", label=f"{name} {role}", color=color)
+            axes[0].step(
+                t, workers, where="post", linestyle=style, label=f"{name} {role}", color=color
+            )
         if name in ("static", "tandem"):
             for ax, attr in ((axes[1], "ttft"), (axes[2], "tpot")):
                 values = [getattr(p, attr) for p in res.timeline]
                 ax.plot(
-                    t, [v * 1000 if v is not None else math.nan for v in values], style, label=name
+                    t,
+                    [v * 1000 if v is not None else math.nan for v in values],
+                    linestyle=style,
+                    label=name,
                 )
     axes[0].set_ylabel("workers")
     axes[0].legend(ncol=4, fontsize=7)
@@ -329,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = ("static", "colocated", "hpa", "tandem-reactive", "tandem")
 
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        hindsight = {n: pool.submit(run_hindsight, args.quick, n) for n in names}
         sizes = dict(
             zip(names, pool.map(search_static, [args.quick] * len(names), names), strict=True)
         )
@@ -349,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             max_rate, prompt, tpot, layout, args.quick
                         )
         done = {key: job.result() for key, job in jobs.items()}
+        done |= {(n, "hindsight"): job.result() for n, job in hindsight.items()}
         sweep = {key: job.result() for key, job in sweep_jobs.items()}
 
     lines = [
@@ -387,14 +446,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"a profiled prefill capacity ({profiled_prefill_capacity():,.0f} prompt tokens/s per worker: the "
         f"roofline for 2k-token prompts) and a profiled KV target ({profiled_kv_target():.0%}: 80% of the "
         "usage at which the roofline's decode step reaches the TPOT objective) |",
-        "| start | every strategy starts at the static-peak sizes, bounds 1-16 per role |",
+        f"| hindsight | not an autoscaler: the ceiling of one. For every {HINDSIGHT_BLOCK:g} s of the trace, the "
+        "smallest static pools that keep ≥99% of that block's requests within both SLOs (searched on the "
+        f"block's own requests, after {HINDSIGHT_LEAD_IN:g} s of the ones before), each growth asked for a "
+        "provisioning delay ahead: what perfect foresight would have run |",
+        "| start | every strategy starts at the static-peak sizes (hindsight at its first block's), bounds "
+        "1-16 per role |",
         "",
     ]
     results: dict[str, dict[str, replay.Result]] = {}
     verdicts = []
     for name in names:
-        rows = [done[(name, k)][0] for k in kinds]
-        results[name] = {k: done[(name, k)][1] for k in kinds}
+        rows = [done[(name, k)][0] for k in (*kinds, "hindsight")]
+        results[name] = {k: done[(name, k)][1] for k in (*kinds, "hindsight")}
         wl = workloads(args.quick)[name]()
         static = rows[0]
         p, d = sizes[name]
@@ -412,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             lines += [f"![{name}](../docs/autoscaling-{name}.png)", ""]
         for r in rows:
-            if r.strategy.startswith("tandem"):
+            if r.strategy.startswith("tandem") or r.strategy == "hindsight":
                 saving = 1 - r.gpu_seconds / static.gpu_seconds
                 ok = r.attainment >= ATTAINMENT_GOAL and saving >= 0.25
                 verdicts.append(

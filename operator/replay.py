@@ -61,6 +61,7 @@ __all__ = [
     "Request",
     "RequestOutcome",
     "Result",
+    "Scheduled",
     "Static",
     "Strategy",
     "Tandem",
@@ -345,7 +346,21 @@ class Tandem:
     name: str = "tandem"
 
 
-Strategy = Static | Colocated | Hpa | Tandem
+@dataclass(frozen=True)
+class Scheduled:
+    """Pools that follow a schedule known in advance: each change names the sizes
+    that serve from its time on. Workers for a growth are asked for one
+    provisioning delay early; a shrink drains at its time. With a schedule read
+    off the trace in hindsight, the ceiling any autoscaler could reach."""
+
+    prefill: int
+    decode: int
+    changes: tuple[tuple[float, int, int], ...]
+    """``(time, prefill, decode)``, in time order."""
+    name: str = "scheduled"
+
+
+Strategy = Static | Colocated | Hpa | Tandem | Scheduled
 
 
 @dataclass(frozen=True)
@@ -854,6 +869,8 @@ class _Sim:
             ticks = int(self.workload.duration // cfg.interval)
             for k in range(1, ticks + 1):
                 self.at(k * cfg.interval, self.tick)
+        elif isinstance(s, Scheduled):
+            self.schedule(s)
         budget = 100 * len(self.workload.requests) + 100_000
         while self.events:
             budget -= 1
@@ -912,6 +929,22 @@ class _Sim:
         )
 
     # -- autoscalers -----------------------------------------------------------
+
+    def schedule(self, s: Scheduled) -> None:
+        """Ask for each change's growth a provisioning delay ahead, shrink on time."""
+        sizes: dict[autoscaling.Role, int] = {"prefill": s.prefill, "decode": s.decode}
+        for t, prefill, decode in s.changes:
+            moves: tuple[tuple[autoscaling.Role, int], ...] = (
+                ("prefill", prefill),
+                ("decode", decode),
+            )
+            for role, size in moves:
+                if size == sizes[role]:
+                    continue
+                ahead = self.config.provisioning_delay if size > sizes[role] else 0.0
+                when = max(0.0, t - ahead)
+                self.at(when, functools.partial(self.apply, role, size, f"scheduled for {t:g}s"))
+                sizes[role] = size
 
     def role_inputs(self, role: autoscaling.Role) -> autoscaling.RoleInputs:
         """What metrics_source would read: warm workers only, over the window."""

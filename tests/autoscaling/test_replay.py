@@ -101,6 +101,20 @@ def test_added_workers_cost_from_the_request_and_serve_after_the_delay() -> None
     assert set(before) == {1}
 
 
+def test_a_schedule_grows_a_delay_ahead_and_shrinks_on_time() -> None:
+    wl = r.steady(rate=5, duration=600, seed=4)
+    schedule = r.Scheduled(1, 1, ((200.0, 3, 1), (400.0, 1, 2)))
+    res = r.replay(wl, schedule, r.ReplayConfig(provisioning_delay=50))
+    moves = [(d.time, d.role, d.before, d.after) for d in res.decisions]
+    assert moves == [(150.0, "prefill", 1, 3), (350.0, "decode", 1, 2), (400.0, "prefill", 3, 1)]
+    sizes = {p.time: (p.prefill, p.decode) for p in res.timeline}
+    assert sizes[195.0] == (3, 1)  # asked for at 150: they cost from then on
+    assert sizes[420.0] == (1, 2)
+    # Prefill: 1 for 600 s plus 2 from 150 to 400; decode: 1 for 600 s plus 1 from 350.
+    assert res.gpu_seconds == pytest.approx(600 + 2 * 250 + 600 + 250, rel=0.01)
+    assert len(res.outcomes) == len(wl.requests)
+
+
 def test_hpa_follows_gpu_busy_time() -> None:
     wl = r.steady(rate=30, duration=600, seed=5)
     bounds = (a.RoleBounds(1, 8), a.RoleBounds(1, 8))
