@@ -359,6 +359,11 @@ class Scheduled:
     """``(time, prefill, decode)``, in time order."""
     name: str = "scheduled"
 
+    @property
+    def start(self) -> tuple[int, int]:
+        """``(prefill, decode)`` at time 0."""
+        return self.prefill, self.decode
+
 
 Strategy = Static | Colocated | Hpa | Tandem | Scheduled
 
