@@ -11,22 +11,28 @@ the next tick.
 How a role's size is chosen, per tick:
 
 1. **Signals → ratios.** Each signal becomes a ratio of observed to target
-   (1.0 = on target), measured on the *warm* workers only (ready and past
-   ``warmup``). Prefill follows TTFT, its queue and its prompt load (tokens/s
-   against a per-worker capacity, profiled or learned from windows where TTFT
-   broke); decode follows TPOT, its queue and KV-cache usage, whose target is
-   derived from the TPOT objective by a line fitted through recent (KV usage,
-   TPOT) ticks (a decode step's time grows with the KV it reads). With ``lead``,
-   rising KV usage and prompt load are forecast that many seconds ahead.
+   (1.0 = on target). Latency and queue are measured on the *warm* workers only
+   (ready and past ``warmup``), load (KV usage, prompt tokens/s) on every ready
+   one. Prefill follows TTFT, its queue and its prompt load (tokens/s against a
+   per-worker capacity, profiled or learned from windows where TTFT broke), as
+   workers needed over warm workers; decode follows TPOT, its queue and KV-cache
+   usage, also as workers needed (:func:`decode_rate`): a decode step's time
+   grows with the KV it reads, along a line fitted through recent (KV usage,
+   TPOT) ticks or profiled, which sets the KV target from the TPOT objective and
+   says how much KV a pool of another size would hold. With ``lead``, the
+   rising decode rate and prompt load are forecast that many seconds ahead.
    ``policy: queue`` keeps only the queue ratios.
 2. **Ratios → recommendation.** A latency ratio above 1, or a proportional one
-   (queue, KV, load) above ``1 + tolerance``, recommends ``ceil(warm * ratio)``
+   (queue, KV, load) above ``1 + tolerance`` (``1 + load_tolerance`` for KV and
+   load, if set: their targets carry their margin already), recommends
+   ``ceil(warm * ratio)``
    workers (the HPA's proportional rule). While workers are still starting or
    warming up, latency and queue (which cannot show them yet) ask for nothing
    beyond them:
    pods not ready count as capacity on its way. Otherwise the smallest pool on
    which the ratios, projected as ``ratio * warm / n``, stay under
-   ``scale_down_ratio`` is recommended; when latency is well inside its objective
+   ``scale_down_ratio`` (``load_scale_down_ratio`` for KV and load, if set) is
+   recommended; when latency is well inside its objective
    and the load is measured in proportion (KV usage, prompt load), the load
    alone sizes it, since latency has a floor no pool size removes. The band
    between ``scale_down_ratio`` and the scale-up threshold is the hysteresis
@@ -73,12 +79,16 @@ __all__ = [
     "RoleMetrics",
     "RoleState",
     "decide",
+    "decode_rate",
+    "decode_workers_needed",
     "erlang_c",
     "kv_at_tpot_objective",
+    "kv_usage_on",
     "prefill_utilization",
     "prefill_workers_needed",
     "pressures",
     "run",
+    "tpot_line",
 ]
 
 Role = Literal["prefill", "decode"]
@@ -156,6 +166,10 @@ class PlannerSpec:
     over the window, so that workers are asked for before the pressure arrives:
     about ``scale_up_stabilization`` plus the time a new worker takes to serve.
     0 (the default) plans on what is measured only."""
+    tpot_line: tuple[float, float] | None = None
+    """``(floor, slope)`` of TPOT in seconds against mean KV usage, if known
+    (profiled, e.g. from the GPU's roofline); a line fitted at run time replaces
+    it (see :func:`tpot_line`)."""
     tpot_headroom: float = 0.8
     """Decode KV usage is held to this fraction of the usage at which TPOT would
     reach its objective (see :func:`kv_at_tpot_objective`)."""
@@ -168,6 +182,11 @@ class PlannerSpec:
     scale_down_ratio: float = 0.8
     """A smaller pool is recommended only if every ratio, projected onto it, stays
     below this: the hysteresis band under ``1 + tolerance``."""
+    load_tolerance: float | None = None
+    """Tolerance of the prompt-load signal (``tolerance`` when None). Its target is
+    already the queueing model's edge of the TTFT objective, so 0 acts on it."""
+    load_scale_down_ratio: float | None = None
+    """``scale_down_ratio`` of the prompt-load signal (``scale_down_ratio`` when None)."""
     prefill_utilization: float = 0.9
     """Most of a prefill worker's capacity (prompt tokens/s) the pool is sized for.
     The pool's own size lowers it further: see :func:`prefill_utilization`."""
@@ -184,7 +203,9 @@ class PlannerSpec:
         return f"p{self.percentile:g}"
 
     @classmethod
-    def from_api(cls, spec: api.InferencePoolSpec, **tunables: float | None) -> PlannerSpec:
+    def from_api(
+        cls, spec: api.InferencePoolSpec, **tunables: float | tuple[float, float] | None
+    ) -> PlannerSpec:
         """The planner's view of an InferencePool spec; ``tunables`` override the
         fields the CRD does not carry (``tolerance``, ``kv_target``, ...)."""
         a = spec.autoscaling
@@ -292,8 +313,9 @@ class RoleState:
     last_scale_down: float | None = None
     capacity: float | None = None
     """Learned prompt tokens/s a prefill worker sustains (prefill only)."""
-    trend: tuple[tuple[float, float | None, float | None], ...] = ()
-    """(time, total KV usage, prompt tokens/s) over the last window, for forecasts."""
+    trend: tuple[tuple[float, float | None, int, float | None], ...] = ()
+    """(time, mean KV usage, warm workers, prompt tokens/s) over the last window,
+    for forecasts."""
     samples: tuple[tuple[float, float], ...] = ()
     """Recent (KV usage, TPOT) pairs (decode only), for :func:`kv_at_tpot_objective`."""
 
@@ -388,16 +410,15 @@ def _ms(seconds: float) -> str:
     return api.format_duration(seconds)
 
 
-def _ahead(spec: PlannerSpec, state: RoleState, index: int, value: float, now: float) -> float:
-    """``value`` extrapolated ``spec.lead`` seconds ahead along its rise over the
-    window (a fall is not extrapolated: scale-downs never act on a forecast)."""
-    if spec.lead <= 0:
-        return value
-    past = [(t, row[index]) for t, *row in state.trend if row[index] is not None]
-    if not past or now - past[0][0] < spec.settle / 2:
+def _ahead(
+    spec: PlannerSpec, past: Sequence[tuple[float, float]], value: float, now: float
+) -> float:
+    """``value`` extrapolated ``spec.lead`` seconds ahead along its rise since the
+    oldest of ``past`` (a fall is not extrapolated: scale-downs never act on a
+    forecast)."""
+    if spec.lead <= 0 or not past or now - past[0][0] < spec.settle / 2:
         return value
     t0, v0 = past[0]
-    assert v0 is not None
     return value + max(0.0, (value - v0) / (now - t0)) * spec.lead
 
 
@@ -436,16 +457,24 @@ def pressures(
             )
         if m.kv_usage is not None:
             target = spec.kv_target
-            fitted = kv_at_tpot_objective(spec, state)
-            if fitted is not None:
-                target = max(0.01, min(target, spec.tpot_headroom * fitted))
-            # The trend is of the pool's total KV (load), not of the mean, which
-            # jumps whenever a worker comes or goes.
-            kv = _ahead(spec, state, 0, m.kv_usage * warm, now) / warm
+            line = tpot_line(spec, state)
+            edge = kv_at_tpot_objective(spec, state)
+            if edge is not None:
+                target = max(0.01, min(target, spec.tpot_headroom * edge))
+            # The trend is of the pool's decode rate (its load), not of the mean
+            # usage, which jumps whenever a worker comes or goes.
+            past = [(t, decode_rate(kv, n, line)) for t, kv, n, _ in state.trend if kv is not None]
+            ready = max(1, inputs.ready)
+            rate = _ahead(spec, past, decode_rate(m.kv_usage, ready, line), now)
+            kv = kv_usage_on(rate, ready, line)
             text = f"KV usage {m.kv_usage:.0%}"
             if kv > m.kv_usage + 0.005:
-                text += f" (rising: {kv:.0%} in {_ms(spec.lead)})"
-            out.append(Pressure("kv", kv, target, kv / target, text))
+                rising = f"{kv:.0%}" if math.isfinite(kv) else "full"
+                text += f" (rising: {rising} in {_ms(spec.lead)})"
+            # As a ratio of workers needed to workers measured (see
+            # decode_rate): ``ceil(warm * ratio)`` is the pool that fits.
+            needed = decode_workers_needed(rate, target, line)
+            out.append(Pressure("kv", kv, target, needed / warm, text))
     if role == "prefill" and m.prompt_token_rate is not None:
         capacity = spec.prefill_capacity or state.capacity
         if capacity:
@@ -453,7 +482,8 @@ def pressures(
             if m.request_rate and m.prompt_token_rate > 0:
                 service = m.prompt_token_rate / m.request_rate / capacity
             target = capacity * prefill_utilization(spec, warm, service) * warm
-            load = _ahead(spec, state, 1, m.prompt_token_rate, now)
+            past = [(t, r) for t, _, _, r in state.trend if r is not None]
+            load = _ahead(spec, past, m.prompt_token_rate, now)
             text = f"prompt load {m.prompt_token_rate:.0f} tok/s"
             if load > m.prompt_token_rate * 1.005:
                 text += f" (rising: {load:.0f} in {_ms(spec.lead)})"
@@ -533,18 +563,30 @@ _MIN_UTILIZATION = 0.05
 """Floor of :func:`prefill_utilization` (an objective no pool size can meet)."""
 
 
-def kv_at_tpot_objective(spec: PlannerSpec, state: RoleState) -> float | None:
-    """The mean KV usage at which TPOT would reach its objective, from a least-squares
-    line through recent (KV usage, TPOT) ticks; None until they span enough range.
+def tpot_line(spec: PlannerSpec, state: RoleState) -> tuple[float, float] | None:
+    """``(floor, slope)`` of TPOT (seconds) against mean KV usage (0 to 1): a
+    least-squares line through recent (KV usage, TPOT) ticks once they span enough
+    range, else ``spec.tpot_line`` (profiled), else None.
 
     A decode step reads the weights and every held KV token, so its time, and the
     TPOT, grows about linearly with KV usage above a floor no replica count
-    removes: fitting that line turns KV usage, a proportional gauge, into the
-    leading signal for the TPOT objective."""
-    pairs = state.samples
-    if len(pairs) < spec.fit_min_samples:
-        return None
+    removes: the line turns KV usage, a proportional gauge, into the leading
+    signal for the TPOT objective."""
+    fitted = _fit(spec, state.samples)
+    profiled = spec.tpot_line
+    if fitted is None or profiled is None:
+        return fitted or profiled
+    # Both: the one that reaches the objective at the lower usage. Ticks from a
+    # lightly loaded pool span little range and can fit a line far too flat.
+    return min((fitted, profiled), key=lambda line: (spec.tpot - line[0]) / line[1])
+
+
+def _fit(spec: PlannerSpec, pairs: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares through (KV usage, TPOT) pairs; None without enough of them,
+    enough spread, or a rising line under the objective."""
     n = len(pairs)
+    if n < spec.fit_min_samples:
+        return None
     mean_k = sum(k for k, _ in pairs) / n
     mean_t = sum(t for _, t in pairs) / n
     var_k = sum((k - mean_k) ** 2 for k, _ in pairs) / n
@@ -552,9 +594,54 @@ def kv_at_tpot_objective(spec: PlannerSpec, state: RoleState) -> float | None:
         return None
     slope = sum((k - mean_k) * (t - mean_t) for k, t in pairs) / n / var_k
     floor = mean_t - slope * mean_k
-    if slope <= 0 or floor >= spec.tpot:
+    return (floor, slope) if slope > 0 and floor < spec.tpot else None
+
+
+def kv_at_tpot_objective(spec: PlannerSpec, state: RoleState) -> float | None:
+    """The mean KV usage at which TPOT would reach its objective, on
+    :func:`tpot_line`; None without a line."""
+    line = tpot_line(spec, state)
+    if line is None:
         return None
+    floor, slope = line
     return (spec.tpot - floor) / slope
+
+
+def decode_rate(usage: float, workers: int, line: tuple[float, float] | None) -> float:
+    """The decode load of ``workers`` at mean KV ``usage``: what the pool would
+    carry at any size.
+
+    The KV a worker holds is its sequences times their context, and a sequence
+    stays for its output tokens times the step time, which grows with the KV held
+    (:func:`tpot_line`). So fewer workers hold more than their share, and usage
+    is not conserved across pool sizes: the rate at which sequences pass through,
+    in KV units, ``usage * workers / tpot(usage)``, is. Without a line the usage is
+    taken as proportional (``usage * workers``)."""
+    if line is None:
+        return usage * workers
+    floor, slope = line
+    return usage * workers / (floor + slope * usage)
+
+
+def kv_usage_on(rate: float, workers: int, line: tuple[float, float] | None) -> float:
+    """The mean KV usage of ``workers`` carrying decode ``rate`` (inverse of
+    :func:`decode_rate`); infinite where they cannot carry it."""
+    if line is None:
+        return rate / max(workers, 1)
+    floor, slope = line
+    room = workers - rate * slope
+    return rate * floor / room if room > 0 else math.inf
+
+
+def decode_workers_needed(rate: float, target: float, line: tuple[float, float] | None) -> float:
+    """Decode workers that carry ``rate`` (:func:`decode_rate`) at a mean KV usage
+    of at most ``target``; fractional, so that ``ceil`` of it is the pool that fits."""
+    if target <= 0:
+        return math.inf
+    if line is None:
+        return rate / target
+    floor, slope = line
+    return rate * (slope + floor / target)
 
 
 def _remember_pair(spec: PlannerSpec, inputs: RoleInputs, state: RoleState) -> RoleState:
@@ -570,9 +657,8 @@ def _remember_trend(
     m = inputs.metrics
     if isinstance(m, MetricsUnavailable) or inputs.warm < 1:
         return state
-    kv = m.kv_usage * inputs.warm if m.kv_usage is not None else None
     kept = tuple(row for row in state.trend if row[0] >= now - spec.settle - _EPSILON)
-    return replace(state, trend=(*kept, (now, kv, m.prompt_token_rate)))
+    return replace(state, trend=(*kept, (now, m.kv_usage, inputs.ready, m.prompt_token_rate)))
 
 
 def _learn_capacity(spec: PlannerSpec, inputs: RoleInputs, state: RoleState) -> float | None:
@@ -624,7 +710,18 @@ def _threshold(spec: PlannerSpec, p: Pressure) -> float:
     """The ratio past which a signal asks for more: latency objectives at once (a
     percentile over the objective is already a miss), proportional signals past
     the tolerance."""
-    return 1.0 if p.signal in ("ttft", "tpot") else 1 + spec.tolerance
+    if p.signal in _LATENCY:
+        return 1.0
+    if p.signal in _PROPORTIONAL and spec.load_tolerance is not None:
+        return 1 + spec.load_tolerance
+    return 1 + spec.tolerance
+
+
+def _down_ratio(spec: PlannerSpec, p: Pressure) -> float:
+    """The ratio a signal, projected onto a smaller pool, must stay under."""
+    if p.signal in _PROPORTIONAL and spec.load_scale_down_ratio is not None:
+        return spec.load_scale_down_ratio
+    return spec.scale_down_ratio
 
 
 def _recommend(
@@ -663,9 +760,9 @@ def _recommend(
         latency_ok = all(p.ratio <= spec.scale_down_ratio for p in signals if p.signal in _LATENCY)
         if proportional and latency_ok:
             basis = [p for p in signals if p.signal not in _LATENCY]
-        top = max(basis, key=lambda p: p.ratio)
+        top = max(basis, key=lambda p: p.ratio / _down_ratio(spec, p))
         wanted = min(
-            current, max(1, math.ceil(warm * top.ratio / spec.scale_down_ratio - _EPSILON))
+            current, max(1, math.ceil(warm * top.ratio / _down_ratio(spec, top) - _EPSILON))
         )
     return _Recommendation(bounds.clamp(wanted), wanted, top)
 

@@ -9,8 +9,12 @@ the queries of a role run concurrently.
 Worker metrics are vLLM's own (``vllm:`` names); a worker's pool and role come
 from the target labels Prometheus attaches to it (``pool`` and ``role`` by
 default: relabel ``tandem.dev/pool`` and ``tandem.dev/role`` pod labels to
-them). Samples from workers whose target is younger than ``warmup`` are left
-out: a target is warm when its ``up`` series already existed ``warmup`` ago.
+them). Latency and queue samples from workers whose target is younger than
+``warmup`` are left out (a target is warm when its ``up`` series already
+existed ``warmup`` ago): a cold worker's first requests are slow. Load (KV-cache
+usage, request and prompt-token rates) is read from every scraped worker: what
+a warming worker carries is load all the same, and leaving it out would make a
+worker turning warm look like a rise in demand.
 
 Anything that cannot be read is reported as
 :class:`~.autoscaling.MetricsUnavailable` with the reason (Prometheus
@@ -124,12 +128,15 @@ def queries(
     def gauge(agg: str, name: str) -> str:
         return f"{agg}({series(name)} and {warm})"
 
+    def load(agg: str, name: str) -> str:
+        return f"{agg}({series(name)})"
+
     def quantile(bucket: str) -> str:
         rate = f"rate({series(bucket)}[{w}]) and {warm}"
         return f"histogram_quantile({percentile / 100:g}, sum by (le) ({rate}))"
 
     def rate(name: str) -> str:
-        return f"sum(rate({series(name)}[{w}]) and {warm})"
+        return f"sum(rate({series(name)}[{w}]))"
 
     out = {
         "targets": f"count(up{{{selector}}} == 1)",
@@ -143,7 +150,7 @@ def queries(
     else:
         out["ttft"] = quantile(TTFT_BUCKET)
         out["tpot"] = quantile(ITL_BUCKET)
-        out["kv_usage"] = gauge("avg", KV_USAGE)
+        out["kv_usage"] = load("avg", KV_USAGE)
     for name in required_metrics(role):
         out[f"present {name}"] = f"count({series(name)})"
     return out

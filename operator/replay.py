@@ -31,8 +31,8 @@ What is simulated:
 Strategies: :class:`Static` pools, :class:`Colocated` pools, an HPA-style
 :class:`Hpa` on GPU busy time, and :class:`Tandem` (the planner of
 :mod:`.autoscaling`, fed every ``interval`` with metrics measured the way
-:mod:`.metrics_source` measures them: warm workers only, percentiles over the
-window). Workers a strategy adds cost GPU-seconds from the moment they are asked
+:mod:`.metrics_source` measures them: latency and queue from warm workers, load
+from every ready one, percentiles over the window). Workers a strategy adds cost GPU-seconds from the moment they are asked
 for and serve after ``provisioning_delay``; removed workers drain first.
 """
 
@@ -952,13 +952,16 @@ class _Sim:
                 sizes[role] = size
 
     def role_inputs(self, role: autoscaling.Role) -> autoscaling.RoleInputs:
-        """What metrics_source would read: warm workers only, over the window."""
+        """What metrics_source would read over the window: latency and queue from
+        warm workers, load (KV usage, finished requests, prompt tokens) from every
+        ready one."""
         cfg = self.config
         kind: WorkerKind = role
         pool = self.pool(kind)
         ready = [w for w in pool if w.ready_at <= self.now]
         warm = [w for w in ready if self.now - w.ready_at >= cfg.warmup]
         ids = {w.id for w in warm}
+        serving = {w.id for w in ready}
         start = self.now - cfg.window
         # Rates over the part of the window the trace covers (Prometheus' rate()
         # extrapolates the same way), so that the trace's start is no ramp.
@@ -968,7 +971,7 @@ class _Sim:
             queue = sum(
                 1 for w in warm for r in w.queue if r.prefilled == 0 and id(r) not in in_step
             )
-            done = self.prompt_done.window(start, self.now, ids)
+            done = self.prompt_done.window(start, self.now, serving)
             metrics = autoscaling.RoleMetrics(
                 queue_depth=float(queue + len(self.router["prefill"])),
                 ttft=_weighted_quantile(
@@ -979,12 +982,12 @@ class _Sim:
             )
         else:
             queue = sum(len(w.waiting) + w.transferring for w in warm)
-            kv = [min(1.0, (w.kv_tokens(self.now) + w.pending_kv) / self.capacity) for w in warm]
+            kv = [min(1.0, (w.kv_tokens(self.now) + w.pending_kv) / self.capacity) for w in ready]
             metrics = autoscaling.RoleMetrics(
                 queue_depth=float(queue + len(self.router["decode"])),
                 tpot=_weighted_quantile(self.itl.window(start, self.now, ids), cfg.percentile),
                 kv_usage=sum(kv) / len(kv) if kv else None,
-                request_rate=len(self.finished.window(start, self.now, ids)) / span,
+                request_rate=len(self.finished.window(start, self.now, serving)) / span,
             )
         return autoscaling.RoleInputs(
             replicas=len(pool), ready=len(ready), warming=len(ready) - len(warm), metrics=metrics

@@ -151,13 +151,16 @@ def test_prefill_reads_prompt_tokens() -> None:
     assert (m.prompt_token_rate, m.kv_usage, m.tpot) == (9000, None, None)
 
 
-def test_queries_read_warm_workers_only() -> None:
+def test_latency_and_queue_from_warm_workers_load_from_all() -> None:
     q = metrics_source.queries(SELECTOR, "decode", 99, 60, 120)
-    assert q["kv_usage"] == (
-        'avg({__name__=~"vllm[:_]kv_cache_usage_perc",pool="p",role="decode"} '
-        'and on(instance) (up{pool="p",role="decode"} offset 120s))'
-    )
+    warm = 'on(instance) (up{pool="p",role="decode"} offset 120s)'
     assert q["tpot"].startswith("histogram_quantile(0.99, sum by (le) (rate(")
+    assert warm in q["tpot"]
+    assert warm in q["queue_depth"]
+    assert q["kv_usage"] == 'avg({__name__=~"vllm[:_]kv_cache_usage_perc",pool="p",role="decode"})'
+    prefill = metrics_source.queries(SELECTOR.replace("decode", "prefill"), "prefill", 99, 60, 120)
+    assert "offset" not in prefill["prompt_token_rate"]
+    assert "offset" not in prefill["request_rate"]
 
 
 def test_the_promql_table_is_current() -> None:

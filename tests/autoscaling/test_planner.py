@@ -456,3 +456,75 @@ def test_lead_never_forecasts_a_fall() -> None:
 def test_ttft_breach_teaches_prefill_capacity() -> None:
     plan = hold(0, prefill=role(3, ttft=0.6, prompt_token_rate=90_000))
     assert plan.state.prefill.capacity == pytest.approx(30_000)
+
+
+LINE = (0.008, 0.028)
+"""TPOT = 8 ms + 28 ms x KV usage: about an H100's decode step for an 8B model."""
+
+
+def test_fewer_decode_workers_hold_more_than_their_share() -> None:
+    # 3 workers at 21% each: 14 ms steps. On 2, steps grow with the KV each holds,
+    # sequences stay longer, and each holds about 49% (not 31.5%).
+    rate = a.decode_rate(0.21, 3, LINE)
+    assert a.kv_usage_on(rate, 3, LINE) == pytest.approx(0.21)
+    assert a.kv_usage_on(rate, 2, LINE) == pytest.approx(0.49, abs=0.01)
+    assert a.kv_usage_on(rate, 1, LINE) == math.inf  # one worker cannot carry it
+    # So a 42% target needs 3 workers, where usage in proportion says 2 (1.5).
+    assert a.decode_workers_needed(rate, 0.42, LINE) == pytest.approx(2.13, abs=0.01)
+    assert a.decode_workers_needed(a.decode_rate(0.21, 3, None), 0.42, None) == pytest.approx(1.5)
+    # On target, the workers needed are the workers there are, line or not.
+    for line in (LINE, None):
+        assert a.decode_workers_needed(a.decode_rate(0.42, 4, line), 0.42, line) == pytest.approx(4)
+
+
+def test_a_decode_pool_is_not_shrunk_onto_a_size_the_tpot_line_overloads() -> None:
+    spec = replace(SPEC, tpot=0.025, tpot_line=LINE, tpot_headroom=0.7, scale_down_ratio=1.0)
+    # The target: 70% of the usage at which the line reaches 25 ms (60.7%): 42.5%.
+    idle = role(3, tpot=0.012, kv_usage=0.21)
+    (kv,) = [p for p in a.pressures(spec, "decode", idle, a.RoleState()) if p.signal == "kv"]
+    assert kv.target == pytest.approx(0.425, abs=0.001)
+    assert hold(900, prefill=None, decode=idle, spec=spec).decode.action == "hold"
+    # Without the line, the same usage looks like room for a worker less.
+    flat = replace(spec, tpot_line=None)
+    assert hold(900, prefill=None, decode=idle, spec=flat).decode.action == "scale-down"
+
+
+def test_a_profiled_tpot_line_caps_a_flatter_fitted_one() -> None:
+    # A lightly loaded pool's ticks fit a line far too flat (objective at 140%).
+    pairs = tuple((k / 20, 0.008 + 0.030 * k / 20) for k in range(10))
+    state = a.RoleState(samples=pairs)
+    assert a.tpot_line(SPEC, state) == pytest.approx((0.008, 0.030))
+    profiled = replace(SPEC, tpot_line=(0.010, 0.1))  # objective at 40%
+    assert a.tpot_line(profiled, state) == (0.010, 0.1)
+    assert a.kv_at_tpot_objective(profiled, state) == pytest.approx(0.4)
+    # A fitted line that is steeper than the profile wins.
+    assert a.tpot_line(replace(SPEC, tpot_line=(0.008, 0.001)), state) == pytest.approx(
+        (0.008, 0.030)
+    )
+    assert a.tpot_line(profiled, a.RoleState()) == (0.010, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("load_tolerance", "action"),
+    [(None, "hold"), (0.0, "scale-up")],
+)
+def test_load_tolerance_acts_on_kv_at_its_target(load_tolerance: float | None, action: str) -> None:
+    # KV 5% over its target (80%): inside the 10% tolerance, past a load tolerance of 0.
+    spec = replace(SPEC, load_tolerance=load_tolerance)
+    plan = hold(60, prefill=None, decode=role(2, tpot=0.02, kv_usage=0.84), spec=spec)
+    assert plan.decode.action == action
+    # TPOT has no tolerance either way.
+    assert (
+        hold(60, prefill=None, decode=role(2, tpot=0.051, kv_usage=0.3), spec=spec).decode.action
+        == "scale-up"
+    )
+
+
+def test_load_scale_down_ratio_sets_the_load_band() -> None:
+    # 4 workers at 55% KV (target 80%): 2.75 workers' worth. The 0.7 band keeps 4
+    # (2.75 / 0.7 = 3.9); a band of 1 lets the pool go to 3.
+    busy = role(4, tpot=0.02, kv_usage=0.55)
+    assert hold(900, prefill=None, decode=busy).decode.action == "hold"
+    spec = replace(SPEC, load_scale_down_ratio=1.0)
+    plan = hold(900, prefill=None, decode=busy, spec=spec)
+    assert (plan.decode.action, plan.decode.replicas) == ("scale-down", 3)
