@@ -100,14 +100,15 @@ def read(prom: PrometheusServer, role: autoscaling.Role, pool: str = "p", warmup
 
 
 def read_until(prom: PrometheusServer, role: autoscaling.Role, ok: Callable[[metrics_source.Reading], bool],
-               feed: Callable[[], None] = lambda: None, timeout: float = 30) -> metrics_source.Reading:  # fmt: skip
+               feed: Callable[[], None] = lambda: None, timeout: float = 30,
+               warmup: float = WARMUP) -> metrics_source.Reading:  # fmt: skip
     deadline = time.monotonic() + timeout
-    reading = read(prom, role)
+    reading = read(prom, role, warmup=warmup)
     while not ok(reading):
         assert time.monotonic() < deadline, f"never got there: {reading}"
         feed()
         time.sleep(0.5)
-        reading = read(prom, role)
+        reading = read(prom, role, warmup=warmup)
     return reading
 
 
@@ -166,10 +167,23 @@ def test_young_targets_are_warming(
     start_prometheus: Start, exporters: Callable[..., Exporter]
 ) -> None:
     d = exporters()
+    assert d.kv is not None
+    d.kv.set(0.3)
+    d.waiting.set(5)
     prom = start_prometheus([target(d, "decode")])
     prom.wait_for('up{role="decode"}', lambda r: len(r) == 1)
-    reading = read(prom, "decode", warmup=600)
+    d.serve(20, ttft=0.3, itl=0.06)
+    reading = read_until(
+        prom,
+        "decode",
+        lambda r: isinstance(r.metrics, autoscaling.RoleMetrics) and r.metrics.kv_usage is not None,
+        warmup=600,
+    )
     assert (reading.targets, reading.warm) == (1, 0)
+    # Load is read from every scraped worker; latency and queue from warm ones only.
+    m = metrics(reading)
+    assert m.kv_usage == pytest.approx(0.3)
+    assert (m.tpot, m.ttft, m.queue_depth) == (None, None, 0)
     inputs = autoscaling.Inputs(decode=reading.inputs(replicas=1, ready=1))
     plan = autoscaling.decide(SPEC, inputs, autoscaling.PlannerState(), 0.0)
     assert plan.decode.reason == (
