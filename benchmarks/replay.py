@@ -393,7 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="shorter traces and sweep")
-    parser.add_argument("--workloads", default="steady,diurnal,bursty,shifting,diurnal-4x")
+    parser.add_argument(
+        "--workloads",
+        default="steady,diurnal,bursty,shifting",
+        help="comma-separated; also diurnal-4x (pools of ~18 GPUs; about 30 min more)",
+    )
     parser.add_argument(
         "--no-sweep", action="store_true", help="skip the disaggregated-vs-colocated sweep"
     )
