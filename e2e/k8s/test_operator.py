@@ -564,6 +564,10 @@ def test_deleting_a_pool_deletes_its_children(operator: OperatorProcess, kubectl
             lambda: not kubectl.json("-n", namespace, "get",  # noqa: B023
                                      f"{CHILD_KINDS},replicasets,pods", "-l", selector)["items"],  # noqa: B023
             f"the garbage collector to delete the children of {namespace}/{name}",
+            # The controller-manager's garbage collector works through pods,
+            # ReplicaSets and Deployments in turn; on 2 busy cores that took
+            # over 60 s once in CI.
+            timeout=3 * WAIT,
         )  # fmt: skip
 
 
