@@ -169,7 +169,7 @@ class PlannerSpec:
     tpot_line: tuple[float, float] | None = None
     """``(floor, slope)`` of TPOT in seconds against mean KV usage, if known
     (profiled, e.g. from the GPU's roofline); a line fitted at run time replaces
-    it (see :func:`tpot_line`)."""
+    it where it reaches the objective at a lower usage (see :func:`tpot_line`)."""
     tpot_headroom: float = 0.8
     """Decode KV usage is held to this fraction of the usage at which TPOT would
     reach its objective (see :func:`kv_at_tpot_objective`)."""
@@ -183,10 +183,12 @@ class PlannerSpec:
     """A smaller pool is recommended only if every ratio, projected onto it, stays
     below this: the hysteresis band under ``1 + tolerance``."""
     load_tolerance: float | None = None
-    """Tolerance of the prompt-load signal (``tolerance`` when None). Its target is
-    already the queueing model's edge of the TTFT objective, so 0 acts on it."""
+    """Tolerance of the load signals, KV usage and prompt load (``tolerance`` when
+    None). Their targets already carry the SLO's margin (the TPOT line's headroom,
+    the queueing model's edge of the TTFT objective), so 0 acts on them."""
     load_scale_down_ratio: float | None = None
-    """``scale_down_ratio`` of the prompt-load signal (``scale_down_ratio`` when None)."""
+    """``scale_down_ratio`` of the load signals, KV usage and prompt load
+    (``scale_down_ratio`` when None)."""
     prefill_utilization: float = 0.9
     """Most of a prefill worker's capacity (prompt tokens/s) the pool is sized for.
     The pool's own size lowers it further: see :func:`prefill_utilization`."""
@@ -314,7 +316,7 @@ class RoleState:
     capacity: float | None = None
     """Learned prompt tokens/s a prefill worker sustains (prefill only)."""
     trend: tuple[tuple[float, float | None, int, float | None], ...] = ()
-    """(time, mean KV usage, warm workers, prompt tokens/s) over the last window,
+    """(time, mean KV usage, ready workers, prompt tokens/s) over the last window,
     for forecasts."""
     samples: tuple[tuple[float, float], ...] = ()
     """Recent (KV usage, TPOT) pairs (decode only), for :func:`kv_at_tpot_objective`."""
@@ -566,7 +568,8 @@ _MIN_UTILIZATION = 0.05
 def tpot_line(spec: PlannerSpec, state: RoleState) -> tuple[float, float] | None:
     """``(floor, slope)`` of TPOT (seconds) against mean KV usage (0 to 1): a
     least-squares line through recent (KV usage, TPOT) ticks once they span enough
-    range, else ``spec.tpot_line`` (profiled), else None.
+    range, or ``spec.tpot_line`` (profiled); with both, the one that reaches the
+    objective at the lower usage; None with neither.
 
     A decode step reads the weights and every held KV token, so its time, and the
     TPOT, grows about linearly with KV usage above a floor no replica count
