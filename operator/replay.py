@@ -521,6 +521,8 @@ class _Worker:
     # decode side (decode, mixed)
     waiting: deque[_Req] = field(default_factory=deque)
     """Decode: requests whose prefill is done, waiting for KV room."""
+    waiting_tokens: int = 0
+    """Prompt tokens of ``waiting`` (kept, not summed: an overloaded pool's line is long)."""
     transferring: int = 0
     link_free: float = 0.0
     arrived: list[_Req] = field(default_factory=list)
@@ -676,8 +678,7 @@ class _Sim:
             victim.removed_at = self.now
 
     def load(self, w: _Worker) -> float:
-        waiting = sum(r.request.prompt_tokens for r in w.waiting)
-        return w.queued_tokens + w.kv_tokens(self.now) + w.pending_kv + waiting
+        return w.queued_tokens + w.kv_tokens(self.now) + w.pending_kv + w.waiting_tokens
 
     # -- routing ---------------------------------------------------------------
 
@@ -689,6 +690,7 @@ class _Sim:
         w = min(ready, key=self.load)
         if kind == "decode":
             w.waiting.append(req)
+            w.waiting_tokens += req.request.prompt_tokens
             self.admit(w)
             return
         req.arrived_worker = self.now
@@ -708,6 +710,7 @@ class _Sim:
         """Decode worker: reserve KV and start the transfer of each waiting request that fits."""
         while w.waiting and self.fits(w, w.waiting[0], w.n + w.transferring + len(w.arrived)):
             req = w.waiting.popleft()
+            w.waiting_tokens -= req.request.prompt_tokens
             w.pending_kv += req.request.prompt_tokens
             w.transferring += 1
             start = max(self.now, w.link_free)
