@@ -415,13 +415,23 @@ def _ms(seconds: float) -> str:
 def _ahead(
     spec: PlannerSpec, past: Sequence[tuple[float, float]], value: float, now: float
 ) -> float:
-    """``value`` extrapolated ``spec.lead`` seconds ahead along its rise since the
-    oldest of ``past`` (a fall is not extrapolated: scale-downs never act on a
-    forecast)."""
+    """``value`` extrapolated ``spec.lead`` seconds ahead along its rise over
+    ``past`` (a fall is not extrapolated: scale-downs never act on a forecast).
+
+    The rise is the least-squares slope through every point of ``past`` and
+    ``(now, value)``: each sample is noisy, and the line through the two ends
+    alone, stretched over the lead, is the noisiest estimate of it (a spurious
+    rise asks for workers, and resets the scale-down window)."""
     if spec.lead <= 0 or not past or now - past[0][0] < spec.settle / 2:
         return value
-    t0, v0 = past[0]
-    return value + max(0.0, (value - v0) / (now - t0)) * spec.lead
+    points = [*past, (now, value)] if past[-1][0] < now - _EPSILON else list(past)
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_v = sum(v for _, v in points) / len(points)
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    if spread <= 0:
+        return value
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / spread
+    return value + max(0.0, slope) * spec.lead
 
 
 def pressures(

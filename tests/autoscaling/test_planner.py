@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -451,6 +452,21 @@ def test_lead_never_forecasts_a_fall() -> None:
         spec, [(t, a.Inputs(decode=role(2, kv_usage=0.6 - t / 300))) for t in (0, 15, 30, 45)]
     )
     assert "rising" not in plans[-1].decode.reason
+
+
+def test_lead_follows_the_fitted_trend_of_the_whole_window() -> None:
+    # Noisy samples of a rise: the forecast follows the least-squares slope through
+    # all of them, not the line between the oldest sample and this one.
+    spec = replace(SPEC, lead=75, settle=60)
+    past = [(0.0, 0.40), (15.0, 0.49), (30.0, 0.50), (45.0, 0.52)]
+    ts, vs = zip(*past, (60.0, 0.50), strict=True)
+    fitted = statistics.linear_regression(ts, vs).slope
+    assert fitted != pytest.approx((0.50 - 0.40) / 60)  # the two ends alone say otherwise
+    assert a._ahead(spec, past, 0.50, 60.0) == pytest.approx(0.50 + fitted * 75)
+    # A steady rise is followed in full; a fall is not followed at all.
+    rise = [(t, 0.2 + t / 300) for t in (0.0, 15.0, 30.0, 45.0)]
+    assert a._ahead(spec, rise, 0.4, 60.0) == pytest.approx(0.4 + 75 / 300)
+    assert a._ahead(spec, [(t, 0.6 - t / 300) for t, _ in rise], 0.4, 60.0) == 0.4
 
 
 def test_ttft_breach_teaches_prefill_capacity() -> None:
