@@ -317,7 +317,7 @@ class RoleState:
     """Learned prompt tokens/s a prefill worker sustains (prefill only)."""
     trend: tuple[tuple[float, float | None, int, float | None], ...] = ()
     """(time, mean KV usage, ready workers, prompt tokens/s) over the last window,
-    for forecasts."""
+    for forecasts; the load is None at a tick whose queue was over its target."""
     samples: tuple[tuple[float, float], ...] = ()
     """Recent (KV usage, TPOT) pairs (decode only), for :func:`kv_at_tpot_objective`."""
 
@@ -671,6 +671,11 @@ def _remember_trend(
     if isinstance(m, MetricsUnavailable) or inputs.warm < 1:
         return state
     kept = tuple(row for row in state.trend if row[0] >= now - spec.settle - _EPSILON)
+    # A pool with a line waiting runs at its capacity: what it serves then is not
+    # the demand, and when workers join, the line moving onto them looks like a
+    # rise in demand. Such a tick is no sample of the trend.
+    if m.queue_depth > spec.target_queue_per_replica * inputs.warm:
+        return replace(state, trend=(*kept, (now, None, inputs.ready, None)))
     return replace(state, trend=(*kept, (now, m.kv_usage, inputs.ready, m.prompt_token_rate)))
 
 

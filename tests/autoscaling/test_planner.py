@@ -469,6 +469,34 @@ def test_lead_follows_the_fitted_trend_of_the_whole_window() -> None:
     assert a._ahead(spec, [(t, 0.6 - t / 300) for t, _ in rise], 0.4, 60.0) == 0.4
 
 
+@pytest.mark.parametrize("queue", [0.0, 40.0])
+def test_a_line_draining_onto_new_workers_is_no_rise_in_demand(queue: float) -> None:
+    # Load rising on 4 workers: with no line (0 queued) it is demand, and is
+    # forecast; with a line over its target (40 > 4 x 4) the pool serves at its
+    # capacity, and the rise is the line moving onto the workers that just joined.
+    spec = replace(SPEC, lead=90, settle=60, prefill_capacity=30_000)
+
+    def inputs(t: float) -> a.Inputs:
+        return a.Inputs(
+            prefill=role(4, ttft=0.3, queue_depth=queue, prompt_token_rate=40_000 + 400 * t),
+            decode=role(4, tpot=0.02, kv_usage=0.2 + t / 300, queue_depth=queue),
+        )
+
+    last = a.run(spec, [(t, inputs(t)) for t in (0, 15, 30, 45)])[-1]
+    now = inputs(45)
+    for name, state, signal, measured in (
+        ("decode", last.state.decode, "kv", 0.35),
+        ("prefill", last.state.prefill, "load", 58_000),
+    ):
+        role_inputs = now.decode if name == "decode" else now.prefill
+        assert role_inputs is not None
+        (p,) = [p for p in a.pressures(spec, name, role_inputs, state, 45) if p.signal == signal]
+        if queue == 0:
+            assert p.observed > measured * 1.2
+        else:
+            assert p.observed == pytest.approx(measured)
+
+
 def test_ttft_breach_teaches_prefill_capacity() -> None:
     plan = hold(0, prefill=role(3, ttft=0.6, prompt_token_rate=90_000))
     assert plan.state.prefill.capacity == pytest.approx(30_000)
