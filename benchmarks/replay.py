@@ -481,15 +481,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "0.8-1.1; a prefill pool of n workers runs at the utilization Erlang C allows for TTFT at p99, at most "
         "90%; decode KV held to 80% of the usage at which the fitted TPOT line meets the SLO, 80% until "
         "fitted); prefill capacity learned |",
-        f"| tandem | the same with `scaleUpStabilization: 15s` and `scaleDownStabilization: 3m`, plus `lead` "
-        f"= 75 s (stabilization + provisioning: the rising decode rate and prompt load are extrapolated that "
-        f"far), a profiled prefill capacity ({profiled_prefill_capacity():,.0f} prompt tokens/s per worker: the "
-        "roofline for 2k-token prompts), a profiled TPOT line (decode step {0:.1f} ms + {1:.1f} ms per unit of KV "
-        "usage: the roofline's; a fitted line replaces it where it reaches the objective at a lower usage), "
-        "and no tolerance or band on the load signals (`load_tolerance` 0, `load_scale_down_ratio` 1: the "
-        "targets of KV usage and prompt load carry the SLO's margin already) |".format(
-            *(1000 * x for x in profiled_tpot_line())
-        ),
+        "| tandem | the same with the settings of `examples/llama-8b-h100.yaml` (all CRD fields): "
+        "`scaleUpStabilization: 15s`, `scaleDownStabilization: 3m`, `forecast: 75s` (stabilization + "
+        "provisioning: the rising decode rate and prompt load are extrapolated that far), `prefillCapacity` "
+        f"{profiled_prefill_capacity():,.0f} (prompt tokens/s per worker: the roofline for 2k-token prompts), "
+        "`decodeStep` {0:.1f} ms + {1:.1f} ms per unit of KV usage (the roofline's; a line fitted while "
+        "serving replaces it where it reaches the objective at a lower usage), `loadTolerance: 0` and "
+        "`loadScaleDownRatio: 1` (the targets of KV usage and prompt load carry the SLO's margin "
+        "already) |".format(*(1000 * x for x in profiled_tpot_line())),
         f"| hindsight | not an autoscaler: the ceiling of one. For every {HINDSIGHT_BLOCK:g} s of the trace, the "
         "smallest static pools that keep ≥99% of that block's requests within both SLOs (searched on the "
         f"block's own requests, after {HINDSIGHT_LEAD_IN:g} s of the ones before), each growth asked for a "

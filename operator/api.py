@@ -358,6 +358,16 @@ class SloSpec(_Model):
     )
 
 
+class DecodeStepProfile(_Model):
+    """A decode worker's step time against its KV-cache usage, as a profiling run
+    measures it: ``base + perKvUsage * usage`` (usage from 0 to 1)."""
+
+    base: Duration = Field(description="Step time of a nearly empty cache, e.g. 8ms.")
+    per_kv_usage: Duration = Field(
+        description="Step time added by a full cache (usage 1.0) over `base`, e.g. 28ms."
+    )
+
+
 class AutoscalingSpec(_Model):
     """How Tandem sizes the prefill and decode pools."""
 
@@ -391,6 +401,39 @@ class AutoscalingSpec(_Model):
         default=None,
         ge=1,
         description="Most GPUs both pools together may use; shared by pressure when short.",
+    )
+    forecast: Duration | None = Field(
+        default=None,
+        description="Extrapolate rising load (prompt tokens/s, the decode rate) this far "
+        "ahead before sizing for it: about scaleUpStabilization plus the time a worker "
+        "takes to start serving. Unset: size for the load as measured.",
+    )
+    prefill_capacity: int | None = Field(
+        default=None,
+        ge=1,
+        description="Prompt tokens per second one prefill worker sustains, from a "
+        "profiling run. Unset: learned while serving (from the load at which TTFT breaks).",
+    )
+    decode_step: DecodeStepProfile | None = Field(
+        default=None,
+        description="The decode step time profiled against KV usage; it caps the line "
+        "fitted while serving. Unset: the fitted line only.",
+    )
+    load_tolerance: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="How far KV usage and prompt load may exceed their targets before a "
+        "scale-up (0: at once; their targets carry the SLO's margin already). Unset: "
+        "0.1, as for queues.",
+    )
+    load_scale_down_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="The fraction of their targets KV usage and prompt load must stay "
+        "under on the smaller pool for a scale-down (1: the targets themselves). "
+        "Unset: 0.8.",
     )
 
 

@@ -232,6 +232,18 @@ class PlannerSpec:
             target_queue_per_replica=a.target_queue_per_replica,
             settle=api.parse_duration(a.window),
             gpu_budget=a.gpu_budget,
+            lead=api.parse_duration(a.forecast) if a.forecast else 0.0,
+            prefill_capacity=a.prefill_capacity,
+            tpot_line=(
+                (
+                    api.parse_duration(a.decode_step.base),
+                    api.parse_duration(a.decode_step.per_kv_usage),
+                )
+                if a.decode_step
+                else None
+            ),
+            load_tolerance=a.load_tolerance,
+            load_scale_down_ratio=a.load_scale_down_ratio,
         )
         return replace(base, **tunables)  # type: ignore[arg-type]
 

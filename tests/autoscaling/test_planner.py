@@ -12,12 +12,15 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tandem.operator import api
+from tandem.operator import api, validation
 from tandem.operator import autoscaling as a
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 SPEC = a.PlannerSpec(
     ttft=0.5,
@@ -398,6 +401,22 @@ def test_from_api() -> None:
         32,
     )
     assert (planner.settle, planner.kv_target) == (60, 0.9)
+
+
+def test_from_api_carries_the_profiled_settings() -> None:
+    # The example for an H100 sets what the benchmark's `tandem` row runs with.
+    (pool,) = validation.load_pools(EXAMPLES / "llama-8b-h100.yaml")
+    planner = a.PlannerSpec.from_api(pool.spec)
+    assert planner.lead == 75
+    assert planner.prefill_capacity == 33581
+    assert planner.tpot_line == pytest.approx((0.0079, 0.0281))
+    assert (planner.load_tolerance, planner.load_scale_down_ratio) == (0, 1)
+    assert (planner.scale_up_stabilization, planner.scale_down_stabilization) == (15, 180)
+    # Unset, each is off (or learned while serving).
+    (tiny,) = validation.load_pools(EXAMPLES / "tiny.yaml")
+    plain = a.PlannerSpec.from_api(tiny.spec)
+    assert (plain.lead, plain.prefill_capacity, plain.tpot_line) == (0, None, None)
+    assert (plain.load_tolerance, plain.load_scale_down_ratio) == (None, None)
 
 
 def test_pure_same_inputs_same_plan() -> None:
