@@ -206,11 +206,11 @@ Scores = tuple[float, float, float]
 """Share of requests within the TTFT SLO, within the TPOT SLO, within both."""
 
 
-def _scores(outcomes: Sequence[replay.RequestOutcome]) -> Scores:
-    n = max(1, len(outcomes))
-    ttft = [o.ttft <= CONFIG.ttft_slo for o in outcomes]
-    tpot = [o.tpot <= CONFIG.tpot_slo for o in outcomes]
-    return sum(ttft) / n, sum(tpot) / n, sum(a and b for a, b in zip(ttft, tpot, strict=True)) / n
+def _scores(res: replay.Result, since: float = 0.0) -> Scores:
+    """``res``'s shares, of the requests that arrived at ``since`` or later."""
+    kept = tuple(o for o in res.outcomes if o.request.arrival >= since)
+    res = dataclasses.replace(res, outcomes=kept)
+    return res.ttft_attainment, res.tpot_attainment, res.attainment
 
 
 def smallest_pools(run: Callable[[int, int], Scores]) -> tuple[int, int]:
@@ -240,9 +240,7 @@ def smallest_pools(run: Callable[[int, int], Scores]) -> tuple[int, int]:
 def search_static(quick: bool, workload: str) -> tuple[int, int]:
     """The smallest static pools for the whole trace: static peak provisioning."""
     wl = workloads(quick)[workload]()
-    return smallest_pools(
-        lambda p, d: _scores(replay.replay(wl, replay.Static(p, d), CONFIG).outcomes)
-    )
+    return smallest_pools(lambda p, d: _scores(replay.replay(wl, replay.Static(p, d), CONFIG)))
 
 
 HINDSIGHT_BLOCK = 120.0
@@ -272,7 +270,7 @@ def hindsight_schedule(quick: bool, workload: str) -> replay.Scheduled:
 
         def run(p: int, d: int, skip: float = t - t0, block: replay.Workload = block) -> Scores:
             res = replay.replay(block, replay.Static(p, d), CONFIG)
-            return _scores([o for o in res.outcomes if o.request.arrival >= skip])
+            return _scores(res, since=skip)
 
         changes.append((t, *smallest_pools(run)))
         t += HINDSIGHT_BLOCK
