@@ -5,7 +5,7 @@ The simulation is :mod:`tandem.operator.replay` (virtual time, the emulator's
 H100 roofline for Llama-3.1-8B); this script only chooses the scenarios, runs
 them (in parallel processes) and writes the report and the plots.
 
-    .venv/bin/python benchmarks/replay.py                    # full run, ~12 min on 2 cores
+    .venv/bin/python benchmarks/replay.py                    # full run, ~7 min on 2 cores
     .venv/bin/python benchmarks/replay.py --quick            # 20-minute traces, smaller sweep
     .venv/bin/python benchmarks/replay.py --workloads bursty --no-sweep --no-plots
 
@@ -148,7 +148,6 @@ def _row(res: replay.Result, label: str) -> Row:
         lo, hi = min(values), max(values)
         return str(lo) if lo == hi else f"{lo}-{hi}"
 
-    within = OSCILLATION_WINDOW
     colocated = res.strategy == "colocated"
     return Row(
         workload=res.workload,
@@ -166,8 +165,8 @@ def _row(res: replay.Result, label: str) -> Row:
         mean_gpus=res.mean_gpus,
         decisions=len(res.decisions),
         oscillations=(
-            replay.oscillations(res.decisions, "prefill", within),
-            replay.oscillations(res.decisions, "decode", within),
+            replay.oscillations(res.decisions, "prefill", OSCILLATION_WINDOW),
+            replay.oscillations(res.decisions, "decode", OSCILLATION_WINDOW),
         ),
         requests=len(res.outcomes),
     )
@@ -252,9 +251,9 @@ the block does not start on idle workers."""
 
 def hindsight_schedule(quick: bool, workload: str) -> replay.Scheduled:
     """The pools an autoscaler with perfect foresight would have: for every block
-    of the trace, the smallest static pools
-    that keep ≥99% of that block's requests within both SLOs
-    (:class:`replay.Scheduled` asks for each growth a provisioning delay ahead).
+    of the trace, the smallest static pools that keep ≥99% of that block's
+    requests within both SLOs (:class:`replay.Scheduled` asks for each growth a
+    provisioning delay ahead).
     The ceiling of any autoscaler at this granularity."""
     wl = workloads(quick)[workload]()
     changes: list[tuple[float, int, int]] = []

@@ -56,6 +56,7 @@ holds ``replicas.min``.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -434,15 +435,11 @@ def _ahead(
     ``(now, value)``: each sample is noisy, and the line through the two ends
     alone, stretched over the lead, is the noisiest estimate of it (a spurious
     rise asks for workers, and resets the scale-down window)."""
-    if spec.lead <= 0 or not past or now - past[0][0] < spec.settle / 2:
+    if spec.lead <= 0 or not past or now - past[0][0] < max(spec.settle / 2, _EPSILON):
         return value
     points = [*past, (now, value)] if past[-1][0] < now - _EPSILON else list(past)
-    mean_t = sum(t for t, _ in points) / len(points)
-    mean_v = sum(v for _, v in points) / len(points)
-    spread = sum((t - mean_t) ** 2 for t, _ in points)
-    if spread <= 0:
-        return value
-    slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / spread
+    times, values = zip(*points, strict=True)
+    slope = statistics.linear_regression(times, values).slope
     return value + max(0.0, slope) * spec.lead
 
 
