@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tandem.operator import autoscaling, replay
+from tandem.autoscaling import planner as autoscaling
+from tandem.replay import simulation as replay
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_REPLICAS = 16

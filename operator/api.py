@@ -29,6 +29,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from tandem.roles import Mode, Role
+
 GROUP = "tandem.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -43,7 +45,6 @@ CATEGORIES = ("tandem",)
 MAX_NAME_LENGTH = 48
 """Leaves room for the longest child suffix (``-prefill``) within a DNS label."""
 
-Mode = Literal["disaggregated", "aggregated", "auto"]
 AutoscalingPolicy = Literal["slo", "queue", "external", "off"]
 RoutingPolicy = Literal["round-robin", "least-load", "prefix-aware"]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -621,6 +622,6 @@ class InferencePool(BaseModel):
     def namespace(self) -> str:
         return self.metadata.namespace or "default"
 
-    def roles(self) -> tuple[Literal["prefill", "decode"], ...]:
+    def roles(self) -> tuple[Role, ...]:
         """The worker roles this pool runs: aggregated mode has no prefill pool."""
         return ("decode",) if self.spec.mode == "aggregated" else ("prefill", "decode")

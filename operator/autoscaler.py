@@ -1,4 +1,4 @@
-"""The autoscaler: the I/O shell around :func:`.autoscaling.decide`.
+"""The autoscaler: the I/O shell around :func:`tandem.autoscaling.planner.decide`.
 
 One kopf daemon per pool (handler id ``autoscale``; a daemon rather than a timer
 because the period is the pool's own ``spec.autoscaling.interval``, re-read
@@ -6,7 +6,7 @@ before every sleep, while a kopf timer's interval is fixed at registration).
 Each tick:
 
 1. reads the pool's worker Deployments (``spec.replicas``, ``status.readyReplicas``);
-2. reads the signals from Prometheus (:mod:`.metrics_source`), which also tells
+2. reads the signals from Prometheus (:mod:`.prometheus`), which also tells
    which workers are still warming up (their scrape target is younger than
    ``warmup``), so no Pod has to be read;
 3. calls ``decide(spec, inputs, state, now)`` with the state of the last tick;
@@ -29,7 +29,7 @@ says ``MetricsAvailable=False`` with the reason. Without a Prometheus URL the
 autoscaler is off: each pool says so once (``MetricsAvailable=False``,
 ``AutoscalerDisabled``) and its replicas stay where they are.
 
-**State.** The planner's memory (:class:`~.autoscaling.PlannerState`) lives in
+**State.** The planner's memory (:class:`~tandem.autoscaling.planner.PlannerState`) lives in
 this process, per pool. After a restart or a leader change it is rebuilt from
 the status: the times of the last scale-up and scale-down come from the roles'
 ``lastDecision`` (so cooldowns still hold), while the history of
@@ -48,14 +48,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import (
+from tandem.autoscaling import planner, prometheus
+from tandem.operator import (
     api,
     applying,
-    autoscaling,
     client,
     controller,
     kinds,
-    metrics_source,
     planning,
     validation,
 )
@@ -94,11 +93,11 @@ class AutoscalerSettings:
     def enabled(self) -> bool:
         return bool(self.prometheus_url)
 
-    def source(self) -> metrics_source.Source | None:
+    def source(self) -> prometheus.Source | None:
         if not self.prometheus_url:
             return None
-        return metrics_source.Source(
-            metrics_source.SourceSettings(
+        return prometheus.Source(
+            prometheus.SourceSettings(
                 url=self.prometheus_url.rstrip("/"), timeout=self.prometheus_timeout
             )
         )
@@ -130,18 +129,18 @@ class Stopped(Protocol):
 
 
 class SignalSource(Protocol):
-    """Where readings come from (:class:`.metrics_source.Source` is one)."""
+    """Where readings come from (:class:`.prometheus.Source` is one)."""
 
     async def read_pool(
         self,
-        spec: autoscaling.PlannerSpec,
+        spec: planner.PlannerSpec,
         pool: str,
-        roles: tuple[autoscaling.Role, ...],
+        roles: tuple[planner.Role, ...],
         *,
         window: float,
         warmup: float,
         namespace: str | None = None,
-    ) -> dict[autoscaling.Role, metrics_source.Reading]: ...
+    ) -> dict[planner.Role, prometheus.Reading]: ...
 
 
 # ---------------------------------------------------------------------------
@@ -157,25 +156,25 @@ def _parse_time(text: Any) -> float | None:
         return None
 
 
-def restore(status: Mapping[str, Any]) -> autoscaling.PlannerState:
+def restore(status: Mapping[str, Any]) -> planner.PlannerState:
     """The planner's state after a restart: the last scale times from ``lastDecision``."""
-    roles: dict[str, autoscaling.RoleState] = {}
+    roles: dict[str, planner.RoleState] = {}
     for role in ("prefill", "decode"):
         last = ((status.get(role) or {}).get("lastDecision")) or {}
         at = _parse_time(last.get("time"))
         before, after = last.get("fromReplicas"), last.get("toReplicas")
-        state = autoscaling.RoleState()
+        state = planner.RoleState()
         if at is not None and isinstance(before, int) and isinstance(after, int):
             if after > before:
                 state = dataclasses.replace(state, last_scale_up=at)
             elif after < before:
                 state = dataclasses.replace(state, last_scale_down=at)
         roles[role] = state
-    return autoscaling.PlannerState(prefill=roles["prefill"], decode=roles["decode"])
+    return planner.PlannerState(prefill=roles["prefill"], decode=roles["decode"])
 
 
 def metrics_reason(why: str) -> str:
-    """A CamelCase condition reason for a :class:`~.autoscaling.MetricsUnavailable` text."""
+    """A CamelCase condition reason for a :class:`~tandem.autoscaling.planner.MetricsUnavailable` text."""
     if why.startswith("Prometheus unreachable"):
         return "PrometheusUnreachable"
     if why.startswith("Prometheus refused"):
@@ -247,11 +246,11 @@ def disabled_status(generation: int, previous: Mapping[str, Any], now: str) -> d
 
 
 def _observed(
-    readings: Mapping[autoscaling.Role, metrics_source.Reading],
+    readings: Mapping[planner.Role, prometheus.Reading],
 ) -> dict[str, Any]:
-    def value(role: autoscaling.Role, signal: str) -> float | None:
+    def value(role: planner.Role, signal: str) -> float | None:
         reading = readings.get(role)
-        if reading is None or isinstance(reading.metrics, autoscaling.MetricsUnavailable):
+        if reading is None or isinstance(reading.metrics, planner.MetricsUnavailable):
             return None
         got = getattr(reading.metrics, signal)
         return None if got is None else float(got)
@@ -272,8 +271,8 @@ def _observed(
 
 
 def status(
-    plan: autoscaling.Plan,
-    readings: Mapping[autoscaling.Role, metrics_source.Reading],
+    plan: planner.Plan,
+    readings: Mapping[planner.Role, prometheus.Reading],
     generation: int,
     previous: Mapping[str, Any],
     now: str,
@@ -295,13 +294,13 @@ def status(
     missing = [
         f"{role}: {r.metrics.reason}"
         for role, r in readings.items()
-        if isinstance(r.metrics, autoscaling.MetricsUnavailable)
+        if isinstance(r.metrics, planner.MetricsUnavailable)
     ]
     if missing:
         first = next(
             r.metrics.reason
             for r in readings.values()
-            if isinstance(r.metrics, autoscaling.MetricsUnavailable)
+            if isinstance(r.metrics, planner.MetricsUnavailable)
         )
         available = _condition(
             "MetricsAvailable", False, metrics_reason(first),
@@ -330,7 +329,7 @@ def status(
 
 
 def notices(
-    plan: autoscaling.Plan, wanted: Mapping[str, Any], previous: Mapping[str, Any]
+    plan: planner.Plan, wanted: Mapping[str, Any], previous: Mapping[str, Any]
 ) -> list[controller.Notice]:
     """Events for a tick: each size change, and metrics going missing."""
     out = [
@@ -390,7 +389,7 @@ class Tick:
 
     interval: float = DEFAULT_INTERVAL
     """Seconds until the next tick (the pool's ``autoscaling.interval``)."""
-    plan: autoscaling.Plan | None = None
+    plan: planner.Plan | None = None
     notices: list[controller.Notice] = field(default_factory=list)
     status_written: bool = False
     done: bool = False
@@ -422,7 +421,7 @@ class Autoscaler:
         self._source = source
         self._clock = clock
         self._tunables = dict(tunables or {})
-        self._states: dict[tuple[str, str], autoscaling.PlannerState] = {}
+        self._states: dict[tuple[str, str], planner.PlannerState] = {}
 
     @property
     def enabled(self) -> bool:
@@ -449,7 +448,7 @@ class Autoscaler:
         except validation.InvalidPoolError:
             return Tick()  # the operator reports it; nothing to scale
         interval = api.parse_duration(pool.spec.autoscaling.interval)
-        spec = autoscaling.PlannerSpec.from_api(pool.spec, **self._tunables)
+        spec = planner.PlannerSpec.from_api(pool.spec, **self._tunables)
         roles = pool.roles()
         found = await asyncio.gather(
             *(
@@ -457,7 +456,7 @@ class Autoscaler:
                 for r in roles
             )
         )
-        deployments: dict[autoscaling.Role, K8sObject] = {}
+        deployments: dict[planner.Role, K8sObject] = {}
         for role, dep in zip(roles, found, strict=True):
             if dep is None or applying.controller_uid(dep) != pool.metadata.uid:
                 logger.debug("Autoscaler: no %s Deployment of this pool yet", role)
@@ -473,7 +472,7 @@ class Autoscaler:
             namespace=namespace,
         )
 
-        def inputs(role: autoscaling.Role) -> autoscaling.RoleInputs:
+        def inputs(role: planner.Role) -> planner.RoleInputs:
             dep = deployments[role]
             replicas = int((dep.get("spec") or {}).get("replicas", 1))
             ready = int((dep.get("status") or {}).get("readyReplicas") or 0)
@@ -481,9 +480,9 @@ class Autoscaler:
 
         key = (namespace, name)
         state = self._states.get(key) or restore(previous)
-        plan = autoscaling.decide(
+        plan = planner.decide(
             spec,
-            autoscaling.Inputs(
+            planner.Inputs(
                 decode=inputs("decode"),
                 prefill=inputs("prefill") if "prefill" in deployments else None,
             ),

@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from tandem import __version__
+from tandem import __version__, roles, vllm_metrics
 from tandem.workers import vllm_args
 
 from . import api
 
 K8sObject = dict[str, Any]
-WorkerRole = Literal["prefill", "decode"]
+WorkerRole = roles.Role
 
 WORKER_PORT = 8000
 NIXL_PORT = 5600
@@ -49,7 +49,7 @@ while time.time() < deadline:
     except Exception:
         break
     busy = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
+               if line.startswith(("{vllm_metrics.NUM_REQUESTS_RUNNING}", "{vllm_metrics.NUM_REQUESTS_WAITING}")))
     if busy == 0:
         break
     time.sleep(1)

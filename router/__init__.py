@@ -17,3 +17,8 @@ hops' bodies), ``tokens``, ``errors`` (one hierarchy, one mapping to OpenAI erro
 retries, fallback), ``transport`` (HTTP/1.1 to the workers), ``discovery``
 (static, EndpointSlice watch, metrics scraping), ``metrics`` (see ``METRICS.md``).
 """
+
+if __name__ != "tandem.router":
+    # The repository root is on sys.path: this folder is the installed package
+    # tandem.router, never a top-level `router` (one import path per module).
+    raise ImportError(f"import tandem.router, not {__name__}: router/ installs as tandem.router")

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from tandem import roles
 from tandem.router import (
     admission,
     discovery,
@@ -66,7 +67,7 @@ class _Runtime:
     """What lives as long as the app runs."""
 
     client: httpx.AsyncClient
-    sets: dict[settings.Role, endpoints.EndpointSet]
+    sets: dict[roles.Role, endpoints.EndpointSet]
     admission: admission.Admission
     metrics: metrics.RouterMetrics
     orchestrator: orchestration.Orchestrator
@@ -129,8 +130,8 @@ class RouterApp:
             # Reads are bounded by the orchestrator's own deadlines (first byte, idle).
             timeout=httpx.Timeout(connect=t.connect, read=None, write=t.idle, pool=t.first_byte),
         )
-        sets: dict[settings.Role, endpoints.EndpointSet] = {
-            role: endpoints.EndpointSet(role) for role in settings.ROLES
+        sets: dict[roles.Role, endpoints.EndpointSet] = {
+            role: endpoints.EndpointSet(role) for role in roles.ROLES
         }
         gate = admission.Admission(
             per_endpoint=config.max_in_flight_per_endpoint,
@@ -168,9 +169,7 @@ class RouterApp:
         else:
             runtime.tasks.append(asyncio.create_task(found.run(self.set_endpoints)))
         if config.scrape.enabled:
-            scrape_errors = {
-                role: meters.scrape_errors.labels(pool, role) for role in settings.ROLES
-            }
+            scrape_errors = {role: meters.scrape_errors.labels(pool, role) for role in roles.ROLES}
             runtime.tasks.append(
                 asyncio.create_task(
                     discovery.scrape_forever(
@@ -209,7 +208,7 @@ class RouterApp:
         finally:
             await self.shutdown()
 
-    def set_endpoints(self, role: settings.Role, urls: Sequence[str]) -> None:
+    def set_endpoints(self, role: roles.Role, urls: Sequence[str]) -> None:
         """Replace one role's workers (discovery calls this; so can local mode)."""
         runtime = self._runtime
         if runtime is None:

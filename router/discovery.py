@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import httpx
 import yaml
 
+from tandem import roles, vllm_metrics
 from tandem.router import endpoints, settings
 
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Sink = Callable[[settings.Role, Sequence[str]], None]
+Sink = Callable[[roles.Role, Sequence[str]], None]
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -60,7 +61,7 @@ class StaticDiscovery:
     """Fixed URLs (local mode, tests, benchmarks)."""
 
     def __init__(self, prefill: Sequence[str], decode: Sequence[str]) -> None:
-        self._urls: dict[settings.Role, tuple[str, ...]] = {
+        self._urls: dict[roles.Role, tuple[str, ...]] = {
             "prefill": tuple(prefill),
             "decode": tuple(decode),
         }
@@ -192,7 +193,7 @@ class KubernetesDiscovery:
         self._backoff = backoff
 
     async def run(self, sink: Sink) -> None:
-        services: list[tuple[settings.Role, str]] = [("decode", self._config.decode_service)]
+        services: list[tuple[roles.Role, str]] = [("decode", self._config.decode_service)]
         if self._config.prefill_service:
             services.append(("prefill", self._config.prefill_service))
         else:
@@ -210,7 +211,7 @@ class KubernetesDiscovery:
                 group.create_task(self._follow(client, role, service, sink))
 
     async def _follow(
-        self, client: httpx.AsyncClient, role: settings.Role, service: str, sink: Sink
+        self, client: httpx.AsyncClient, role: roles.Role, service: str, sink: Sink
     ) -> None:
         path = f"/apis/discovery.k8s.io/v1/namespaces/{self._config.namespace}/endpointslices"
         selector = {"labelSelector": f"{SERVICE_NAME_LABEL}={service}"}
@@ -296,9 +297,9 @@ def build(
 # Load
 
 
-_WAITING = "vllm:num_requests_waiting"
-_RUNNING = "vllm:num_requests_running"
-_KV = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_WAITING = vllm_metrics.NUM_REQUESTS_WAITING
+_RUNNING = vllm_metrics.NUM_REQUESTS_RUNNING
+_KV = (vllm_metrics.KV_CACHE_USAGE_PERC, vllm_metrics.KV_USAGE_LEGACY)
 
 
 def parse_load(text: str) -> endpoints.Load:
@@ -334,7 +335,7 @@ async def scrape_forever(
     *,
     interval: float,
     timeout: float,  # noqa: ASYNC109 (per request, not for the whole loop)
-    on_error: Callable[[settings.Role], None] = lambda role: None,
+    on_error: Callable[[roles.Role], None] = lambda role: None,
 ) -> None:
     """Every ``interval``, read every known worker's ``/metrics`` into its set."""
     sets = tuple(sets)

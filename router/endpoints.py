@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tandem.router import settings
+from tandem import roles
 
 __all__ = ["Endpoint", "EndpointSet", "Load", "Snapshot", "url_key"]
 
@@ -51,7 +51,7 @@ class Endpoint:
 class Snapshot:
     """The candidates for one choice, in a stable order (discovery order)."""
 
-    role: settings.Role
+    role: roles.Role
     endpoints: tuple[Endpoint, ...]
     turn: int = 0
     """How many choices this role has made before: round-robin's position and the
@@ -73,7 +73,7 @@ class _State:
 class EndpointSet:
     """The workers of one role; mutated only from the event loop (no locks)."""
 
-    role: settings.Role
+    role: roles.Role
     _states: dict[str, _State] = field(default_factory=dict)
     _turn: int = 0
 

@@ -20,12 +20,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-Mode = Literal["disaggregated", "aggregated", "auto"]
-"""Same spelling as ``tandem.operator.api.Mode`` (kept local: the router image
-needs no operator code)."""
+from tandem.roles import Mode
+
 RoutingPolicy = Literal["round-robin", "least-load", "prefix-aware"]
-Role = Literal["prefill", "decode"]
-ROLES: tuple[Role, ...] = ("prefill", "decode")
 
 
 class _Settings(BaseModel):

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _DELEGATED: list[tuple[str, str, str]] = [
-    ("up", "tandem.local", "run a pool on this machine: router, prefill and decode workers"),
+    ("up", "tandem.local.cli", "run a pool on this machine: router, prefill and decode workers"),
     ("router", "tandem.router.cli", "run the gateway router"),
     ("operator", "tandem.operator.cli", "run the operator (kopf)"),
     ("emulate", "tandem.workers.emulator.cli", "run the engine emulator (speaks vLLM's API)"),
@@ -156,7 +156,7 @@ _DELEGATED: list[tuple[str, str, str]] = [
 """(subcommand, module with ``main(argv)``, help) for commands with their own parsers."""
 
 _EXTRAS = {
-    "tandem.local": "router,emulator",
+    "tandem.local.cli": "router,emulator",
     "tandem.router.cli": "router",
     "tandem.operator.cli": "operator",
     "tandem.workers.emulator.cli": "emulator",

@@ -97,6 +97,9 @@ class WorkerSettings:
     """The interpreter with vLLM installed."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Applied last, over everything this module sets."""
+    command: Sequence[str] | None = None
+    """Run this instead of vLLM's server (the engine emulator, in local mode): the
+    same process handling (session, log, health, stop and reaping) for any worker."""
     startup_timeout_s: float = 300.0
     stop_timeout_s: float = 30.0
     """Grace after SIGTERM before the process group is killed."""
@@ -104,10 +107,21 @@ class WorkerSettings:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    [port] = free_ports(1, host)
+    return port
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports that were free a moment ago (all bound at once,
+    so the kernel cannot pick one twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 class WorkerProcess:
@@ -145,6 +159,8 @@ class WorkerProcess:
         return self._proc.poll() if self._proc is not None else None
 
     def command(self) -> list[str]:
+        if self.settings.command is not None:
+            return list(self.settings.command)
         return vllm_args.build_vllm_command(
             self.settings.engine, self.settings.role, self.settings.python
         )
@@ -203,7 +219,7 @@ class WorkerProcess:
             raise WorkerError(f"{self.settings.name}: already started (pid {self._proc.pid})")
         s = self.settings
         tmp = self.run_dir / "tmp"
-        if len(str(tmp)) + _IPC_NAME_LEN > _UNIX_SOCKET_PATH_MAX:
+        if s.command is None and len(str(tmp)) + _IPC_NAME_LEN > _UNIX_SOCKET_PATH_MAX:
             raise WorkerError(
                 f"{s.name}: run dir {self.run_dir} is too long for vLLM's unix sockets "
                 f"under {tmp} (at most {_UNIX_SOCKET_PATH_MAX - _IPC_NAME_LEN} characters)"
@@ -244,7 +260,7 @@ class WorkerProcess:
         if code is not None:
             self.stop_sync()
             raise WorkerStartError(
-                f"{self.settings.name}: vLLM exited with code {code} before it was ready; "
+                f"{self.settings.name}: the worker exited with code {code} before it was ready; "
                 f"last lines of {self.log_path}:\n{self.log_tail()}"
             )
 

@@ -10,7 +10,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["prefill", "decode", "aggregated"]
+from tandem import roles
+
+Role = roles.WorkerKind
 """``aggregated`` serves whole requests and takes no part in KV transfer."""
 
 KvBufferDevice = Literal["cuda", "cpu"]

@@ -1,6 +1,6 @@
 """The operator's autoscaler against a real API server and a real Prometheus.
 
-The chart is installed with ``autoscaling.prometheusUrl``; the operator runs as
+The chart is installed with ``planner.prometheusUrl``; the operator runs as
 a subprocess with its ServiceAccount's token (as in e2e/k8s/test_operator.py).
 The pool's worker Pods are run by the stand-in kubelet of ``conftest.py`` as
 engine emulators (``--time-scale 0.2``: five times slower than the emulated
@@ -28,7 +28,7 @@ import yaml
 from e2e.autoscaling.conftest import Kubelet, Load, Prometheus
 from e2e.k8s.test_helm import CHART, Helm, Kubectl, find_doc, install_helm
 from e2e.k8s.test_operator import NAMESPACE, VALUES, OperatorProcess, lease_holder, start_operator
-from tandem.operator import metrics_source
+from tandem.autoscaling import prometheus
 
 POOL_NS = "autoscale"
 POOL = "auto"
@@ -154,7 +154,7 @@ def _condition(kubelet: Kubelet, kind: str) -> dict[str, Any]:
 
 def _promql(role: str, signal: str) -> str:
     selector = f'pool="{POOL}",role="{role}",namespace="{POOL_NS}"'
-    return metrics_source.queries(selector, role, 90, WINDOW, WARMUP)[signal]  # type: ignore[arg-type]
+    return prometheus.queries(selector, role, 90, WINDOW, WARMUP)[signal]  # type: ignore[arg-type]
 
 
 def _breach_to_scale(

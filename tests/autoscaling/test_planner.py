@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from tandem.autoscaling import capacity
+from tandem.autoscaling import planner as a
 from tandem.operator import api, validation
-from tandem.operator import autoscaling as a
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -321,11 +322,13 @@ def test_profiled_capacity_scales_up_before_ttft_breaks() -> None:
 
 
 def test_erlang_c_known_values() -> None:
-    assert a.erlang_c(1, 0.3) == pytest.approx(0.3)  # M/M/1: P(wait) = utilization
-    assert a.erlang_c(2, 1.0) == pytest.approx(1 / 3)
-    assert a.erlang_c(3, 3.0) == 1.0  # saturated
-    assert a.erlang_c(4, 0.0) == 0.0
-    assert a.erlang_c(100, 90.0) < a.erlang_c(10, 9.0)  # same utilization, less waiting
+    assert capacity.erlang_c(1, 0.3) == pytest.approx(0.3)  # M/M/1: P(wait) = utilization
+    assert capacity.erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert capacity.erlang_c(3, 3.0) == 1.0  # saturated
+    assert capacity.erlang_c(4, 0.0) == 0.0
+    assert capacity.erlang_c(100, 90.0) < capacity.erlang_c(
+        10, 9.0
+    )  # same utilization, less waiting
 
 
 SLO_SPEC = replace(SPEC, ttft=0.5, percentile=99, prefill_utilization=0.9)
@@ -528,16 +531,20 @@ LINE = (0.008, 0.028)
 def test_fewer_decode_workers_hold_more_than_their_share() -> None:
     # 3 workers at 21% each: 14 ms steps. On 2, steps grow with the KV each holds,
     # sequences stay longer, and each holds about 49% (not 31.5%).
-    rate = a.decode_rate(0.21, 3, LINE)
-    assert a.kv_usage_on(rate, 3, LINE) == pytest.approx(0.21)
-    assert a.kv_usage_on(rate, 2, LINE) == pytest.approx(0.49, abs=0.01)
-    assert a.kv_usage_on(rate, 1, LINE) == math.inf  # one worker cannot carry it
+    rate = capacity.decode_rate(0.21, 3, LINE)
+    assert capacity.kv_usage_on(rate, 3, LINE) == pytest.approx(0.21)
+    assert capacity.kv_usage_on(rate, 2, LINE) == pytest.approx(0.49, abs=0.01)
+    assert capacity.kv_usage_on(rate, 1, LINE) == math.inf  # one worker cannot carry it
     # So a 42% target needs 3 workers, where usage in proportion says 2 (1.5).
-    assert a.decode_workers_needed(rate, 0.42, LINE) == pytest.approx(2.13, abs=0.01)
-    assert a.decode_workers_needed(a.decode_rate(0.21, 3, None), 0.42, None) == pytest.approx(1.5)
+    assert capacity.decode_workers_needed(rate, 0.42, LINE) == pytest.approx(2.13, abs=0.01)
+    assert capacity.decode_workers_needed(
+        capacity.decode_rate(0.21, 3, None), 0.42, None
+    ) == pytest.approx(1.5)
     # On target, the workers needed are the workers there are, line or not.
     for line in (LINE, None):
-        assert a.decode_workers_needed(a.decode_rate(0.42, 4, line), 0.42, line) == pytest.approx(4)
+        assert capacity.decode_workers_needed(
+            capacity.decode_rate(0.42, 4, line), 0.42, line
+        ) == pytest.approx(4)
 
 
 def test_a_decode_pool_is_not_shrunk_onto_a_size_the_tpot_line_overloads() -> None:

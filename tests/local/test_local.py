@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tandem import local
+from tandem.autoscaling import signals
+from tandem.local import planning, status
 from tandem.operator import api
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ def test_workers_follow_replicas_min_per_role() -> None:
     pool = _pool(
         prefill={"replicas": {"min": 2, "max": 3}}, decode={"replicas": {"min": 1, "max": 2}}
     )
-    plans = local.plan_workers(pool, [9001, 9002, 9003], cores=2)
+    plans = planning.plan_workers(pool, [9001, 9002, 9003], cores=2)
     assert [(p.role, p.name, p.port, p.cpus) for p in plans] == [
         ("prefill", "prefill-0", 9001, "0"),
         ("prefill", "prefill-1", 9002, "1"),
@@ -34,16 +35,16 @@ def test_workers_follow_replicas_min_per_role() -> None:
 
 
 def test_aggregated_pool_starts_decode_workers_only() -> None:
-    plans = local.plan_workers(_pool("aggregated"), [9001], cores=2)
+    plans = planning.plan_workers(_pool("aggregated"), [9001], cores=2)
     assert [p.role for p in plans] == ["decode"]
 
 
 def test_replicas_override_and_port_shortage() -> None:
-    plans = local.plan_workers(_pool(), [1, 2, 3], cores=0, replicas={"decode": 2})
+    plans = planning.plan_workers(_pool(), [1, 2, 3], cores=0, replicas={"decode": 2})
     assert [p.role for p in plans] == ["prefill", "decode", "decode"]
     assert all(p.cpus is None for p in plans)
     with pytest.raises(ValueError, match="need 3 ports"):
-        local.plan_workers(_pool(), [1, 2], cores=2, replicas={"decode": 2})
+        planning.plan_workers(_pool(), [1, 2], cores=2, replicas={"decode": 2})
 
 
 @pytest.mark.parametrize(
@@ -59,12 +60,12 @@ def test_replicas_override_and_port_shortage() -> None:
 def test_histogram_quantile_matches_promql(
     buckets: list[tuple[float, float]], q: float, expected: float | None
 ) -> None:
-    got = local.histogram_quantile(buckets, q)
+    got = signals.histogram_quantile(buckets, q)
     assert got == (pytest.approx(expected) if expected is not None else None)
 
 
 def test_status_line() -> None:
-    snap = local.Snapshot(
+    snap = status.Snapshot(
         ready={"prefill": 1, "decode": 2}, total={"prefill": 1, "decode": 2},
         queue=3, ttft=0.42, tpot=0.012, requests=17,
     )  # fmt: skip
@@ -72,7 +73,7 @@ def test_status_line() -> None:
         snap.line(90)
         == "prefill 1/1 · decode 2/2 · queue 3 · TTFT p90 420ms · TPOT p90 12ms · requests 17"
     )
-    empty = local.Snapshot(
+    empty = status.Snapshot(
         ready={"decode": 0}, total={"decode": 1}, queue=0, ttft=None, tpot=None, requests=0
     )
     assert "TTFT p99.9 -" in empty.line(99.9)
@@ -83,8 +84,8 @@ def test_local_mode_never_downloads(tmp_path: Path) -> None:
         {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "p"},
          "spec": {"model": {"name": "meta-llama/Llama-3.1-8B-Instruct"}}}
     )  # fmt: skip
-    with pytest.raises(local.LocalModeError, match="never downloads"):
-        local.resolve_model(pool, local.LocalSettings(run_dir=tmp_path / "run"))
+    with pytest.raises(planning.LocalModeError, match="never downloads"):
+        planning.resolve_model(pool, planning.LocalSettings(run_dir=tmp_path / "run"))
     weights = tmp_path / "weights"
     weights.mkdir()
     pool = pool.model_copy(
@@ -94,7 +95,9 @@ def test_local_mode_never_downloads(tmp_path: Path) -> None:
             )
         }
     )
-    assert local.resolve_model(pool, local.LocalSettings(run_dir=tmp_path / "run")) == str(weights)
+    assert planning.resolve_model(pool, planning.LocalSettings(run_dir=tmp_path / "run")) == str(
+        weights
+    )
 
 
 def test_tandem_up_with_the_emulator_streams_a_disaggregated_request(tmp_path: Path) -> None:

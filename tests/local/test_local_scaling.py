@@ -7,14 +7,15 @@ from typing import Any
 
 import pytest
 
-from tandem import local, local_scaling
-from tandem.operator import api, autoscaling
+from tandem.autoscaling import planner, scrape
+from tandem.local import processes, scaling
+from tandem.operator import api
 
-S = local_scaling
+S = scrape
 
 
 def scrape(t: float, text: str) -> S.Scrape:
-    return S.Scrape(t, S.normalize(local.parse_samples(text)))
+    return S.Scrape(t, S.parse(text))
 
 
 def prefill_text(waiting: float, ttft: dict[float, float], success: float, prompt: float) -> str:
@@ -66,7 +67,7 @@ def test_prefill_signals_come_from_deltas_between_two_scrapes() -> None:
     assert inputs.replicas == inputs.ready == 1
     assert inputs.warming == 0
     m = inputs.metrics
-    assert isinstance(m, autoscaling.RoleMetrics)
+    assert isinstance(m, planner.RoleMetrics)
     assert m.queue_depth == 3
     assert m.ttft == pytest.approx(0.1 + 0.4 * 0.9)  # as PromQL's histogram_quantile
     assert m.request_rate == pytest.approx(1.0)
@@ -79,21 +80,21 @@ def test_decode_signals_and_the_router_queue() -> None:
     a_old = scrape(0, decode_text(0, 0.5, {0.01: 0, 0.05: 0, INF: 0}))
     a_new = scrape(10, decode_text(2, 0.9, {0.01: 0, 0.05: 100, INF: 100}))
     b_new = scrape(10, decode_text(1, 0.5, {0.01: 100, 0.05: 100, INF: 100}))
-    router = local.parse_samples("# TYPE tandem_router_queued_requests gauge\n"
+    router = S.parse("# TYPE tandem_router_queued_requests gauge\n"
                                  'tandem_router_queued_requests{pool="p"} 4\n')  # fmt: skip
     inputs = S.role_inputs(
         "decode", [S.WorkerView(0, a_new, a_old), S.WorkerView(0, b_new, None)],
         replicas=2, now=10, warmup=5, percentile=50, router=router,
     )  # fmt: skip
     m = inputs.metrics
-    assert isinstance(m, autoscaling.RoleMetrics)
+    assert isinstance(m, planner.RoleMetrics)
     assert m.queue_depth == 2 + 1 + 4
     assert m.kv_usage == pytest.approx(0.7)
     # Only worker a has two scrapes: its 100 tokens all fell in (0.01, 0.05].
     assert m.tpot == pytest.approx(0.01 + 0.04 * 0.5)
 
 
-def test_warming_workers_are_capacity_but_not_signals() -> None:
+def test_warming_workers_are_capacity_and_load_but_not_latency_or_queue() -> None:
     hot = scrape(10, decode_text(9, 1.0, {0.05: 10, INF: 10}))
     calm = scrape(10, decode_text(0, 0.2, {0.05: 10, INF: 10}))
     inputs = S.role_inputs(
@@ -103,9 +104,10 @@ def test_warming_workers_are_capacity_but_not_signals() -> None:
     assert (inputs.replicas, inputs.ready, inputs.warming) == (3, 2, 1)
     assert inputs.pending == 1
     m = inputs.metrics
-    assert isinstance(m, autoscaling.RoleMetrics)
-    assert m.queue_depth == 0
-    assert m.kv_usage == pytest.approx(0.2)
+    assert isinstance(m, planner.RoleMetrics)
+    assert m.queue_depth == 0  # the warming worker's 9 queued are not counted
+    # What a warming worker holds is load all the same (as the Prometheus path reads it).
+    assert m.kv_usage == pytest.approx((0.2 + 1.0) / 2)
 
 
 def test_a_counter_reset_counts_from_zero() -> None:
@@ -114,7 +116,7 @@ def test_a_counter_reset_counts_from_zero() -> None:
     m = S.role_inputs(
         "prefill", [S.WorkerView(-100, new, old)], replicas=1, now=10, warmup=0, percentile=90
     ).metrics
-    assert isinstance(m, autoscaling.RoleMetrics)
+    assert isinstance(m, planner.RoleMetrics)
     assert m.request_rate == pytest.approx(1.0)
     assert m.prompt_token_rate == pytest.approx(100.0)
 
@@ -123,13 +125,15 @@ def test_unavailable_never_zeros() -> None:
     nobody = S.role_inputs(
         "decode", [S.WorkerView(0, None)], replicas=2, now=10, warmup=0, percentile=90
     )
-    assert nobody.metrics == autoscaling.MetricsUnavailable("no decode worker answered /metrics")
+    assert nobody.metrics == planner.MetricsUnavailable(
+        "no decode worker is scraped (1 asked, none answered /metrics)"
+    )
     assert nobody.ready == 0
     bare = scrape(10, "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 0\n")
     missing = S.role_inputs(
         "decode", [S.WorkerView(0, bare)], replicas=1, now=10, warmup=0, percentile=90
     )
-    assert missing.metrics == autoscaling.MetricsUnavailable(
+    assert missing.metrics == planner.MetricsUnavailable(
         "vllm:inter_token_latency_seconds_bucket, vllm:kv_cache_usage_perc not exposed by the "
         "decode workers"
     )
@@ -137,7 +141,7 @@ def test_unavailable_never_zeros() -> None:
 
 def test_escaped_metric_names_are_read_too() -> None:
     text = "# TYPE vllm_num_requests_waiting gauge\nvllm_num_requests_waiting 3\n"
-    assert S.normalize(local.parse_samples(text))["vllm:num_requests_waiting"] == [({}, 3.0)]
+    assert S.parse(text)["vllm:num_requests_waiting"] == [({}, 3.0)]
 
 
 def test_the_old_scrape_is_the_first_within_the_window() -> None:
@@ -169,7 +173,7 @@ class FakeWorker:
         return 0
 
 
-def _pool(log: list[str]) -> local.LocalPool:
+def _pool(log: list[str]) -> processes.LocalPool:
     pool = api.InferencePool.model_validate(
         {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "p"},
          "spec": {"model": {"name": "m"}, "prefill": {"replicas": {"min": 1, "max": 3}},
@@ -179,7 +183,7 @@ def _pool(log: list[str]) -> local.LocalPool:
     def set_endpoints(role: str, urls: Any) -> None:
         log.append(f"endpoints {role} {sorted(u.split('//')[1].split('.')[0] for u in urls)}")
 
-    return local.LocalPool(
+    return processes.LocalPool(
         pool,
         "http://router.invalid",
         {
@@ -190,23 +194,23 @@ def _pool(log: list[str]) -> local.LocalPool:
     )
 
 
-def _decision(role: autoscaling.Role, current: int, to: int) -> autoscaling.RoleDecision:
-    action: autoscaling.Action = "scale-up" if to > current else "scale-down"
-    return autoscaling.RoleDecision(role, current, to, action, f"{role} {current}→{to}: why")
+def _decision(role: planner.Role, current: int, to: int) -> planner.RoleDecision:
+    action: planner.Action = "scale-up" if to > current else "scale-down"
+    return planner.RoleDecision(role, current, to, action, f"{role} {current}→{to}: why")
 
 
 async def test_scaling_down_leaves_the_router_before_the_worker_stops() -> None:
     log: list[str] = []
     lines: list[str] = []
     pool = _pool(log)
-    scaler = S.LocalAutoscaler(
+    scaler = scaling.LocalAutoscaler(
         pool,
         lambda role, i: FakeWorker(f"{role}-{i}", log),
         lines.append,
         drain_timeout_s=0,  # type: ignore[arg-type,return-value]
     )
-    plan = autoscaling.Plan(
-        decode=_decision("decode", 2, 1), prefill=None, state=autoscaling.PlannerState()
+    plan = planner.Plan(
+        decode=_decision("decode", 2, 1), prefill=None, state=planner.PlannerState()
     )
     await scaler.apply(plan)
     assert log == ["endpoints decode ['decode-0']", "stop decode-1"]
@@ -217,15 +221,15 @@ async def test_scaling_down_leaves_the_router_before_the_worker_stops() -> None:
 async def test_scaling_up_joins_the_router_once_ready() -> None:
     log: list[str] = []
     pool = _pool(log)
-    scaler = S.LocalAutoscaler(
+    scaler = scaling.LocalAutoscaler(
         pool,
         lambda role, i: FakeWorker(f"{role}-{i}", log),
         lambda _: None,  # type: ignore[arg-type,return-value]
     )
-    plan = autoscaling.Plan(
+    plan = planner.Plan(
         decode=_decision("decode", 2, 2),
         prefill=_decision("prefill", 1, 3),
-        state=autoscaling.PlannerState(),
+        state=planner.PlannerState(),
     )
     await scaler.apply(plan)
     await asyncio.gather(*scaler._tasks)

@@ -12,15 +12,14 @@ from typing import Any
 import kopf
 import pytest
 
+from tandem.autoscaling import planner, prometheus, signals
 from tandem.operator import (
     autoscaler,
-    autoscaling,
     cli,
     client,
     controller,
     handlers,
     kinds,
-    metrics_source,
     planning,
     validation,
 )
@@ -29,17 +28,17 @@ from tandem.operator.settings import OperatorSettings
 from .conftest import FakeKube, pool_body
 
 T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
-HOT = autoscaling.RoleMetrics(ttft=3.0, queue_depth=1)  # tiny.yaml: TTFT objective 2s
-CALM_P = autoscaling.RoleMetrics(ttft=0.2)
-CALM_D = autoscaling.RoleMetrics(tpot=0.05, kv_usage=0.3)
-DOWN = autoscaling.MetricsUnavailable("Prometheus unreachable at http://p:9090: refused")
+HOT = planner.RoleMetrics(ttft=3.0, queue_depth=1)  # tiny.yaml: TTFT objective 2s
+CALM_P = planner.RoleMetrics(ttft=0.2)
+CALM_D = planner.RoleMetrics(tpot=0.05, kv_usage=0.3)
+DOWN = planner.MetricsUnavailable("Prometheus unreachable at http://p:9090: refused")
 
 
 class FakeSource:
     """Readings set by the test, per role."""
 
     def __init__(self) -> None:
-        self.metrics: dict[str, autoscaling.RoleMetrics | autoscaling.MetricsUnavailable] = {
+        self.metrics: dict[str, planner.RoleMetrics | planner.MetricsUnavailable] = {
             "prefill": CALM_P,
             "decode": CALM_D,
         }
@@ -47,16 +46,29 @@ class FakeSource:
 
     async def read_pool(
         self,
-        spec: autoscaling.PlannerSpec,
+        spec: planner.PlannerSpec,
         pool: str,
-        roles: tuple[autoscaling.Role, ...],
+        roles: tuple[planner.Role, ...],
         *,
         window: float,
         warmup: float,
         namespace: str | None = None,
-    ) -> dict[autoscaling.Role, metrics_source.Reading]:
+    ) -> dict[planner.Role, prometheus.Reading]:
         self.calls.append({"pool": pool, "roles": roles, "window": window, "namespace": namespace})
-        return {r: metrics_source.Reading(self.metrics[r], targets=1, warm=1) for r in roles}
+        return {r: _reading(r, self.metrics[r]) for r in roles}
+
+
+def _reading(
+    role: planner.Role, m: planner.RoleMetrics | planner.MetricsUnavailable
+) -> prometheus.Reading:
+    """What Prometheus would answer for one warm worker showing ``m``."""
+    if isinstance(m, planner.MetricsUnavailable):
+        return prometheus.Reading(role, None, m.reason)
+    snapshot = signals.Snapshot(
+        targets=1, warm=1, engine_waiting=m.queue_depth, ttft=m.ttft, tpot=m.tpot,
+        kv_usage=m.kv_usage, request_rate=m.request_rate, prompt_token_rate=m.prompt_token_rate,
+    )  # fmt: skip
+    return prometheus.Reading(role, snapshot)
 
 
 class Clock:
@@ -157,7 +169,7 @@ async def test_a_scale_up_is_limited_by_replicas_max(
     fake_kube: FakeKube, source: FakeSource, clock: Clock, scaler: autoscaler.Autoscaler
 ) -> None:
     setup(fake_kube)
-    source.metrics["decode"] = autoscaling.RoleMetrics(tpot=1.0, kv_usage=0.99)
+    source.metrics["decode"] = planner.RoleMetrics(tpot=1.0, kv_usage=0.99)
     await ticks(scaler, fake_kube, clock, 30)
     assert replicas(fake_kube, "tiny-decode") == 2
     status = stored(fake_kube, "inferencepools", "tiny")["status"]
@@ -267,9 +279,9 @@ def test_restore_takes_the_scale_times_from_the_status() -> None:
     assert state.prefill.last_scale_down is None
     assert state.decode.last_scale_down == T0.timestamp() + 60
     assert state.decode.history == ()
-    assert autoscaler.restore({}) == autoscaling.PlannerState()
+    assert autoscaler.restore({}) == planner.PlannerState()
     assert autoscaler.restore({"decode": {"lastDecision": {"time": "garbage"}}}) == (
-        autoscaling.PlannerState()
+        planner.PlannerState()
     )
 
 
@@ -277,7 +289,7 @@ async def test_a_restarted_autoscaler_needs_fresh_evidence(
     fake_kube: FakeKube, source: FakeSource, clock: Clock, scaler: autoscaler.Autoscaler
 ) -> None:
     setup(fake_kube, prefill={"replicas": {"min": 1, "max": 8}})
-    source.metrics["prefill"] = autoscaling.RoleMetrics(ttft=4.8)  # ratio 2.4
+    source.metrics["prefill"] = planner.RoleMetrics(ttft=4.8)  # ratio 2.4
     await ticks(scaler, fake_kube, clock, 30)
     assert replicas(fake_kube, "tiny-prefill") == 3
     successor = autoscaler.Autoscaler(fake_kube, source, clock=clock)

@@ -150,7 +150,7 @@ async def test_dead_workers_are_retried_then_prefill_falls_back() -> None:
 
 async def test_full_queue_is_429_and_a_disconnect_aborts_upstream() -> None:
     async with (
-        _emulator("both") as d,
+        _emulator("aggregated") as d,
         _router(
             [], [d], mode="aggregated", max_in_flight_per_endpoint=1, max_queued_requests=0
         ) as router,

@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     p.add_argument(
         "--role",
-        choices=["prefill", "decode", "both"],
-        default="both",
+        choices=["prefill", "decode", "aggregated"],
+        default="aggregated",
         help="KV hand-over directions honoured: prefill takes do_remote_decode, decode takes "
         "do_remote_prefill (default: %(default)s)",
     )

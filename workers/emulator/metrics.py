@@ -10,67 +10,26 @@ Each :class:`EngineMetrics` has its own registry: two emulators in one process
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from tandem import vllm_metrics
 from tandem.workers.emulator import scheduling
 
 __all__ = ["CONTENT_TYPE", "METRIC_NAMES", "METRIC_TYPES", "EngineMetrics", "family_names"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-METRIC_TYPES: Mapping[str, str] = types.MappingProxyType(
-    {
-        # Scheduler state.
-        "vllm:num_requests_running": "gauge",
-        "vllm:num_requests_waiting": "gauge",
-        "vllm:kv_cache_usage_perc": "gauge",
-        "vllm:cache_config_info": "gauge",
-        # Counters (exposed with a ``_total`` suffix).
-        "vllm:prefix_cache_queries": "counter",
-        "vllm:prefix_cache_hits": "counter",
-        "vllm:num_preemptions": "counter",
-        "vllm:prompt_tokens": "counter",
-        "vllm:prompt_tokens_by_source": "counter",
-        "vllm:prompt_tokens_cached": "counter",
-        "vllm:generation_tokens": "counter",
-        "vllm:request_success": "counter",
-        # Histograms of counts.
-        "vllm:request_prompt_tokens": "histogram",
-        "vllm:request_generation_tokens": "histogram",
-        "vllm:iteration_tokens_total": "histogram",
-        "vllm:request_max_num_generation_tokens": "histogram",
-        "vllm:request_params_n": "histogram",
-        "vllm:request_params_max_tokens": "histogram",
-        # Histograms of time.
-        "vllm:time_to_first_token_seconds": "histogram",
-        "vllm:inter_token_latency_seconds": "histogram",
-        "vllm:request_time_per_output_token_seconds": "histogram",
-        "vllm:e2e_request_latency_seconds": "histogram",
-        "vllm:request_queue_time_seconds": "histogram",
-        "vllm:request_inference_time_seconds": "histogram",
-        "vllm:request_prefill_time_seconds": "histogram",
-        "vllm:request_decode_time_seconds": "histogram",
-        # NIXL connector.
-        "vllm:nixl_xfer_time_seconds": "histogram",
-        "vllm:nixl_post_time_seconds": "histogram",
-        "vllm:nixl_bytes_transferred": "histogram",
-        "vllm:nixl_num_descriptors": "histogram",
-        "vllm:nixl_num_failed_transfers": "counter",
-        "vllm:nixl_num_failed_notifications": "counter",
-        "vllm:nixl_num_kv_expired_reqs": "counter",
-    }
-)
+METRIC_TYPES: Mapping[str, str] = vllm_metrics.TYPES
 """Family name -> Prometheus type. Family names are as ``prometheus_client.parser``
 reads them back: a counter ``vllm:x`` is exposed as the sample ``vllm:x_total``."""
 
 METRIC_NAMES: frozenset[str] = frozenset(METRIC_TYPES)
 
-PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+PROMPT_SOURCES = vllm_metrics.PROMPT_SOURCES
 
 _TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -162,54 +121,57 @@ class EngineMetrics:
             )
 
         gauge(
-            "vllm:num_requests_running",
+            vllm_metrics.NUM_REQUESTS_RUNNING,
             "Number of requests in model execution batches.",
             lambda: stats().num_running,
         )
         gauge(
-            "vllm:num_requests_waiting",
+            vllm_metrics.NUM_REQUESTS_WAITING,
             "Number of requests waiting to be processed.",
             lambda: stats().num_waiting,
         )
         gauge(
-            "vllm:kv_cache_usage_perc",
+            vllm_metrics.KV_CACHE_USAGE_PERC,
             "KV-cache usage. 1 means 100 percent usage.",
             lambda: stats().kv_usage,
         )
         info = {**cache_info, "engine": engine}
         Gauge(
-            "vllm:cache_config_info",
+            vllm_metrics.CACHE_CONFIG_INFO,
             "Information of the LLMEngine CacheConfig",
             sorted(info),
             registry=registry,
         ).labels(**info).set(1)
 
         self.prefix_cache_queries = counter(
-            "vllm:prefix_cache_queries",
+            vllm_metrics.PREFIX_CACHE_QUERIES,
             "Prefix cache queries, in terms of number of queried tokens.",
         )
         self.prefix_cache_hits = counter(
-            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+            vllm_metrics.PREFIX_CACHE_HITS,
+            "Prefix cache hits, in terms of number of cached tokens.",
         )
         self.num_preemptions = counter(
-            "vllm:num_preemptions", "Cumulative number of preemption from the engine."
+            vllm_metrics.NUM_PREEMPTIONS, "Cumulative number of preemption from the engine."
         )
-        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.prompt_tokens = counter(
+            vllm_metrics.PROMPT_TOKENS, "Number of prefill tokens processed."
+        )
         by_source = Counter(
-            "vllm:prompt_tokens_by_source",
+            vllm_metrics.PROMPT_TOKENS_BY_SOURCE,
             "Number of prompt tokens by source.",
             [*names, "source"],
             registry=registry,
         )
         self.prompt_tokens_by_source = {s: by_source.labels(*values, s) for s in PROMPT_SOURCES}
         self.prompt_tokens_cached = counter(
-            "vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external)."
+            vllm_metrics.PROMPT_TOKENS_CACHED, "Number of cached prompt tokens (local + external)."
         )
         self.generation_tokens = counter(
-            "vllm:generation_tokens", "Number of generation tokens processed."
+            vllm_metrics.GENERATION_TOKENS, "Number of generation tokens processed."
         )
         success = Counter(
-            "vllm:request_success",
+            vllm_metrics.REQUEST_SUCCESS,
             "Count of successfully processed requests.",
             [*names, "finished_reason"],
             registry=registry,
@@ -220,100 +182,103 @@ class EngineMetrics:
 
         token_buckets = build_1_2_5_buckets(max_model_len)
         self.request_prompt_tokens = histogram(
-            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets
+            vllm_metrics.REQUEST_PROMPT_TOKENS, "Number of prefill tokens processed.", token_buckets
         )
         self.request_generation_tokens = histogram(
-            "vllm:request_generation_tokens",
+            vllm_metrics.REQUEST_GENERATION_TOKENS,
             "Number of generation tokens processed.",
             token_buckets,
         )
         self.iteration_tokens = histogram(
-            "vllm:iteration_tokens_total",
+            vllm_metrics.ITERATION_TOKENS_TOTAL,
             "Histogram of number of tokens per engine_step.",
             _ITERATION_TOKEN_BUCKETS,
         )
         self.request_max_num_generation_tokens = histogram(
-            "vllm:request_max_num_generation_tokens",
+            vllm_metrics.REQUEST_MAX_NUM_GENERATION_TOKENS,
             "Histogram of maximum number of requested generation tokens.",
             token_buckets,
         )
         self.request_params_n = histogram(
-            "vllm:request_params_n", "Histogram of the n request parameter.", (1, 2, 5, 10, 20)
+            vllm_metrics.REQUEST_PARAMS_N,
+            "Histogram of the n request parameter.",
+            (1, 2, 5, 10, 20),
         )
         self.request_params_max_tokens = histogram(
-            "vllm:request_params_max_tokens",
+            vllm_metrics.REQUEST_PARAMS_MAX_TOKENS,
             "Histogram of the max_tokens request parameter.",
             token_buckets,
         )
         self.time_to_first_token = histogram(
-            "vllm:time_to_first_token_seconds",
+            vllm_metrics.TIME_TO_FIRST_TOKEN_SECONDS,
             "Histogram of time to first token in seconds.",
             _TTFT_BUCKETS,
         )
         self.inter_token_latency = histogram(
-            "vllm:inter_token_latency_seconds",
+            vllm_metrics.INTER_TOKEN_LATENCY_SECONDS,
             "Histogram of inter-token latency in seconds.",
             _ITL_BUCKETS,
         )
         self.request_time_per_output_token = histogram(
-            "vllm:request_time_per_output_token_seconds",
+            vllm_metrics.REQUEST_TIME_PER_OUTPUT_TOKEN_SECONDS,
             "Histogram of time_per_output_token_seconds per request.",
             _ITL_BUCKETS,
         )
         self.e2e_request_latency = histogram(
-            "vllm:e2e_request_latency_seconds",
+            vllm_metrics.E2E_REQUEST_LATENCY_SECONDS,
             "Histogram of e2e request latency in seconds.",
             _REQUEST_LATENCY_BUCKETS,
         )
         self.request_queue_time = histogram(
-            "vllm:request_queue_time_seconds",
+            vllm_metrics.REQUEST_QUEUE_TIME_SECONDS,
             "Histogram of time spent in WAITING phase for request.",
             _REQUEST_LATENCY_BUCKETS,
         )
         self.request_inference_time = histogram(
-            "vllm:request_inference_time_seconds",
+            vllm_metrics.REQUEST_INFERENCE_TIME_SECONDS,
             "Histogram of time spent in RUNNING phase for request.",
             _REQUEST_LATENCY_BUCKETS,
         )
         self.request_prefill_time = histogram(
-            "vllm:request_prefill_time_seconds",
+            vllm_metrics.REQUEST_PREFILL_TIME_SECONDS,
             "Histogram of time spent in PREFILL phase for request.",
             _REQUEST_LATENCY_BUCKETS,
         )
         self.request_decode_time = histogram(
-            "vllm:request_decode_time_seconds",
+            vllm_metrics.REQUEST_DECODE_TIME_SECONDS,
             "Histogram of time spent in DECODE phase for request.",
             _REQUEST_LATENCY_BUCKETS,
         )
 
         self.nixl_xfer_time = histogram(
-            "vllm:nixl_xfer_time_seconds",
+            vllm_metrics.NIXL_XFER_TIME_SECONDS,
             "Histogram of transfer duration for NIXL KV Cache transfers.",
             _NIXL_TIME_BUCKETS[1:],
         )
         self.nixl_post_time = histogram(
-            "vllm:nixl_post_time_seconds",
+            vllm_metrics.NIXL_POST_TIME_SECONDS,
             "Histogram of transfer post time for NIXL KV Cache transfers.",
             _NIXL_TIME_BUCKETS,
         )
         self.nixl_bytes_transferred = histogram(
-            "vllm:nixl_bytes_transferred",
+            vllm_metrics.NIXL_BYTES_TRANSFERRED,
             "Histogram of bytes transferred per NIXL KV Cache transfers.",
             _NIXL_BYTES_BUCKETS,
         )
         self.nixl_num_descriptors = histogram(
-            "vllm:nixl_num_descriptors",
+            vllm_metrics.NIXL_NUM_DESCRIPTORS,
             "Histogram of number of descriptors per NIXL KV Cache transfers.",
             _NIXL_DESCRIPTOR_BUCKETS,
         )
         self.nixl_num_failed_transfers = counter(
-            "vllm:nixl_num_failed_transfers", "Number of failed NIXL KV Cache transfers."
+            vllm_metrics.NIXL_NUM_FAILED_TRANSFERS, "Number of failed NIXL KV Cache transfers."
         )
         self.nixl_num_failed_notifications = counter(
-            "vllm:nixl_num_failed_notifications", "Number of failed NIXL KV Cache notifications."
+            vllm_metrics.NIXL_NUM_FAILED_NOTIFICATIONS,
+            "Number of failed NIXL KV Cache notifications.",
         )
         self.nixl_num_kv_expired_reqs = counter(
-            "vllm:nixl_num_kv_expired_reqs", "Number of requests that had their KV expire."
+            vllm_metrics.NIXL_NUM_KV_EXPIRED_REQS, "Number of requests that had their KV expire."
         )
 
     def render(self) -> bytes:

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -37,15 +37,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from tandem import roles
 from tandem.workers.emulator import engine, metrics, protocol, scheduling
 
 __all__ = ["EmulatorSettings", "Role", "build_app", "in_process", "serving"]
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["prefill", "decode", "both"]
+Role = roles.WorkerKind
 """``prefill`` honours ``do_remote_decode``, ``decode`` honours ``do_remote_prefill``,
-``both`` honours either (vLLM's ``kv_role: kv_both``). A direction the role does not
+``aggregated`` honours either (vLLM's ``kv_role: kv_both``). A direction the role does not
 take is ignored and the request is served locally."""
 
 _Model = TypeVar("_Model", bound=pydantic.BaseModel)
@@ -57,7 +58,7 @@ class EmulatorSettings:
 
     model_name: str = "emulated-llama-3.1-8b"
     """The served model name (vLLM's ``--served-model-name``); requests naming another get 404."""
-    role: Role = "both"
+    role: Role = "aggregated"
     """Which KV hand-over directions this worker takes part in."""
     scheduler: scheduling.SchedulerConfig = field(default_factory=scheduling.SchedulerConfig)
     """GPU, model shape, KV cache and batching knobs."""
@@ -346,9 +347,9 @@ class _Service:
                 400, f"Invalid kv_transfer_params: {exc}", "kv_transfer_params"
             ) from exc
         role = self.settings.role
-        remote_decode = params.do_remote_decode and role in ("prefill", "both")
+        remote_decode = params.do_remote_decode and role in ("prefill", "aggregated")
         remote_prefill = False
-        if params.do_remote_prefill and role in ("decode", "both"):
+        if params.do_remote_prefill and role in ("decode", "aggregated"):
             if params.complete_for_remote_prefill():
                 remote_prefill = True
             else:

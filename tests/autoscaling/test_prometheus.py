@@ -1,4 +1,4 @@
-"""metrics_source without a network: a fake query function stands in for Prometheus.
+"""prometheus without a network: a fake query function stands in for Prometheus.
 
 (The same adapter against a real Prometheus: e2e/prometheus.)
 """
@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from tandem.operator import autoscaling, metrics_source
+from tandem.autoscaling import planner, prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = autoscaling.PlannerSpec(ttft=0.5, tpot=0.05, decode=autoscaling.RoleBounds(1, 8))
+SPEC = planner.PlannerSpec(ttft=0.5, tpot=0.05, decode=planner.RoleBounds(1, 8))
 SELECTOR = 'pool="p",role="decode"'
 
 
@@ -29,7 +29,7 @@ def fake(values: dict[str, float | str | None]) -> Callable[[str], list[dict[str
     by_promql = {}
     for role in ("prefill", "decode"):
         sel = f'pool="p",role="{role}"'
-        for key, promql in metrics_source.queries(sel, role, 90, 60, 120).items():
+        for key, promql in prometheus.queries(sel, role, 90, 60, 120, 'pool="p"').items():
             by_promql[promql] = key
 
     def query(promql: str) -> list[dict[str, Any]]:
@@ -40,7 +40,7 @@ def fake(values: dict[str, float | str | None]) -> Callable[[str], list[dict[str
 
 
 HEALTHY: dict[str, float | str | None] = {
-    "targets": 3, "warm": 2, "queue_depth": 5, "request_rate": 12.5, "ttft": 0.3, "tpot": 0.02,
+    "targets": 3, "warm": 2, "engine_waiting": 5, "request_rate": 12.5, "ttft": 0.3, "tpot": 0.02,
     "kv_usage": 0.4, "present vllm:num_requests_waiting": 3,
     "present vllm:inter_token_latency_seconds_bucket": 60,
     "present vllm:kv_cache_usage_perc": 3,
@@ -48,18 +48,18 @@ HEALTHY: dict[str, float | str | None] = {
 
 
 def read(
-    values: dict[str, float | str | None], role: autoscaling.Role = "decode"
-) -> metrics_source.Reading:
-    source = metrics_source.Source(metrics_source.SourceSettings(), query=fake(values))
+    values: dict[str, float | str | None], role: planner.Role = "decode"
+) -> prometheus.Reading:
+    source = prometheus.Source(prometheus.SourceSettings(), query=fake(values))
     return asyncio.run(source.read(SPEC, "p", role, window=60, warmup=120))
 
 
 def test_healthy_reading() -> None:
     reading = read(HEALTHY)
-    assert reading.metrics == autoscaling.RoleMetrics(
+    assert reading.metrics == planner.RoleMetrics(
         queue_depth=5, ttft=0.3, tpot=0.02, kv_usage=0.4, request_rate=12.5
     )
-    assert reading.inputs(replicas=4, ready=3) == autoscaling.RoleInputs(
+    assert reading.inputs(replicas=4, ready=3) == planner.RoleInputs(
         replicas=4, ready=3, warming=1, metrics=reading.metrics
     )
 
@@ -75,27 +75,27 @@ def test_healthy_reading() -> None:
     ],
 )  # fmt: skip
 def test_unavailable_not_zeros(change: dict[str, float | None], reason: str) -> None:
-    assert read({**HEALTHY, **change}).metrics == autoscaling.MetricsUnavailable(reason)
+    assert read({**HEALTHY, **change}).metrics == planner.MetricsUnavailable(reason)
 
 
 @pytest.mark.parametrize("empty", [None, "NaN", "+Inf"])
 def test_an_empty_window_is_no_signal(empty: str | None) -> None:
     m = read({**HEALTHY, "ttft": empty, "tpot": empty}).metrics
-    assert isinstance(m, autoscaling.RoleMetrics)
+    assert isinstance(m, planner.RoleMetrics)
     assert (m.ttft, m.tpot, m.kv_usage) == (None, None, 0.4)
 
 
 def test_query_error_is_unavailable() -> None:
     def broken(promql: str) -> list[dict[str, Any]]:
-        raise metrics_source.QueryError("Prometheus unreachable at http://x: refused")
+        raise prometheus.QueryError("Prometheus unreachable at http://x: refused")
 
-    source = metrics_source.Source(metrics_source.SourceSettings(), query=broken)
+    source = prometheus.Source(prometheus.SourceSettings(), query=broken)
     reading = asyncio.run(source.read(SPEC, "p", "prefill", window=60, warmup=120))
-    assert reading.metrics == autoscaling.MetricsUnavailable(
+    assert reading.metrics == planner.MetricsUnavailable(
         "Prometheus unreachable at http://x: refused"
     )
-    plan = autoscaling.decide(
-        SPEC, autoscaling.Inputs(decode=reading.inputs(3, 3)), autoscaling.PlannerState(), 0
+    plan = planner.decide(
+        SPEC, planner.Inputs(decode=reading.inputs(3, 3)), planner.PlannerState(), 0
     )
     assert (plan.decode.replicas, plan.decode.metrics_available) == (3, False)
 
@@ -105,22 +105,22 @@ def test_an_outage_is_logged_once_and_its_end_too(caplog: pytest.LogCaptureFixtu
 
     def query(promql: str) -> list[dict[str, Any]]:
         if down:
-            raise metrics_source.QueryError("Prometheus unreachable at http://x: refused")
+            raise prometheus.QueryError("Prometheus unreachable at http://x: refused")
         return fake(HEALTHY)(promql)
 
-    source = metrics_source.Source(metrics_source.SourceSettings(), query=query)
+    source = prometheus.Source(prometheus.SourceSettings(), query=query)
 
-    def tick() -> metrics_source.Reading:
+    def tick() -> prometheus.Reading:
         return asyncio.run(source.read(SPEC, "p", "decode", window=60, warmup=120))
 
-    caplog.set_level("INFO", logger=metrics_source.__name__)
+    caplog.set_level("INFO", logger=prometheus.__name__)
     for _ in range(5):
-        assert isinstance(tick().metrics, autoscaling.MetricsUnavailable)
+        assert isinstance(tick().metrics, planner.MetricsUnavailable)
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert "unreachable" in warnings[0].getMessage()
     down = False
-    assert isinstance(tick().metrics, autoscaling.RoleMetrics)
+    assert isinstance(tick().metrics, planner.RoleMetrics)
     assert "answers again" in caplog.records[-1].getMessage()
     down = True
     tick()
@@ -131,11 +131,11 @@ def test_closed_port_is_unreachable_quickly() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    query = metrics_source.prometheus_query(
-        metrics_source.SourceSettings(url=f"http://127.0.0.1:{port}", timeout=2)
+    query = prometheus.prometheus_query(
+        prometheus.SourceSettings(url=f"http://127.0.0.1:{port}", timeout=2)
     )
     with pytest.raises(
-        metrics_source.QueryError, match=f"Prometheus unreachable at http://127.0.0.1:{port}"
+        prometheus.QueryError, match=f"Prometheus unreachable at http://127.0.0.1:{port}"
     ):
         query("up")
 
@@ -147,28 +147,28 @@ def test_prefill_reads_prompt_tokens() -> None:
         "present vllm:time_to_first_token_seconds_bucket": 20,
     }
     m = read(values, "prefill").metrics
-    assert isinstance(m, autoscaling.RoleMetrics)
+    assert isinstance(m, planner.RoleMetrics)
     assert (m.prompt_token_rate, m.kv_usage, m.tpot) == (9000, None, None)
 
 
 def test_latency_and_queue_from_warm_workers_load_from_all() -> None:
-    q = metrics_source.queries(SELECTOR, "decode", 99, 60, 120)
+    q = prometheus.queries(SELECTOR, "decode", 99, 60, 120)
     warm = 'on(instance) (up{pool="p",role="decode"} offset 120s)'
     assert q["tpot"].startswith("histogram_quantile(0.99, sum by (le) (rate(")
     assert warm in q["tpot"]
-    assert warm in q["queue_depth"]
+    assert warm in q["engine_waiting"]
     assert q["kv_usage"] == 'avg({__name__=~"vllm[:_]kv_cache_usage_perc",pool="p",role="decode"})'
-    prefill = metrics_source.queries(SELECTOR.replace("decode", "prefill"), "prefill", 99, 60, 120)
+    prefill = prometheus.queries(SELECTOR.replace("decode", "prefill"), "prefill", 99, 60, 120)
     assert "offset" not in prefill["prompt_token_rate"]
     assert "offset" not in prefill["request_rate"]
 
 
 def test_the_promql_table_is_current() -> None:
-    doc = (ROOT / "operator" / "AUTOSCALING.md").read_text()
+    doc = (ROOT / "tandem" / "autoscaling" / "AUTOSCALING.md").read_text()
     for role in ("prefill", "decode"):
-        for key, promql in metrics_source.queries(
-            f'pool="P",role="{role}"', role, 90, 60, 120
+        for key, promql in prometheus.queries(
+            f'pool="P",role="{role}"', role, 90, 60, 120, 'pool="P"'
         ).items():
             assert promql.replace("|", "\\|") in doc, (
-                f"{role} {key} is missing from operator/AUTOSCALING.md"
+                f"{role} {key} is missing from tandem/autoscaling/AUTOSCALING.md"
             )

@@ -1,4 +1,4 @@
-"""metrics_source against a real Prometheus scraping vLLM-named metrics.
+"""prometheus against a real Prometheus scraping vLLM-named metrics.
 
 Targets are tiny prometheus_client exporters in this process (values set by the
 test, so the expected signals are exact) and, in the last test, emulated vLLM
@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from e2e.prometheus.conftest import PrometheusServer, Target, free_port
-from tandem.operator import autoscaling, metrics_source
+from tandem.autoscaling import planner, prometheus
 
 # vLLM v1's buckets (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -28,8 +28,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 
-SPEC = autoscaling.PlannerSpec(
-    ttft=0.5, tpot=0.05, prefill=autoscaling.RoleBounds(1, 8), decode=autoscaling.RoleBounds(1, 8),
+SPEC = planner.PlannerSpec(
+    ttft=0.5, tpot=0.05, prefill=planner.RoleBounds(1, 8), decode=planner.RoleBounds(1, 8),
     interval=1, scale_up_stabilization=2, scale_down_stabilization=10,
 )  # fmt: skip
 WINDOW, WARMUP = 10.0, 2.0
@@ -93,15 +93,15 @@ def target(e: Exporter, role: str, pool: str = "p") -> Target:
     return Target(e.port, {"pool": pool, "role": role})
 
 
-def read(prom: PrometheusServer, role: autoscaling.Role, pool: str = "p", warmup: float = WARMUP,
-         url: str | None = None) -> metrics_source.Reading:  # fmt: skip
-    source = metrics_source.Source(metrics_source.SourceSettings(url=url or prom.url, timeout=2))
+def read(prom: PrometheusServer, role: planner.Role, pool: str = "p", warmup: float = WARMUP,
+         url: str | None = None) -> prometheus.Reading:  # fmt: skip
+    source = prometheus.Source(prometheus.SourceSettings(url=url or prom.url, timeout=2))
     return asyncio.run(source.read(SPEC, pool, role, window=WINDOW, warmup=warmup))
 
 
-def read_until(prom: PrometheusServer, role: autoscaling.Role, ok: Callable[[metrics_source.Reading], bool],
+def read_until(prom: PrometheusServer, role: planner.Role, ok: Callable[[prometheus.Reading], bool],
                feed: Callable[[], None] = lambda: None, timeout: float = 30,
-               warmup: float = WARMUP) -> metrics_source.Reading:  # fmt: skip
+               warmup: float = WARMUP) -> prometheus.Reading:  # fmt: skip
     deadline = time.monotonic() + timeout
     reading = read(prom, role, warmup=warmup)
     while not ok(reading):
@@ -112,8 +112,8 @@ def read_until(prom: PrometheusServer, role: autoscaling.Role, ok: Callable[[met
     return reading
 
 
-def metrics(reading: metrics_source.Reading) -> autoscaling.RoleMetrics:
-    assert isinstance(reading.metrics, autoscaling.RoleMetrics), reading.metrics
+def metrics(reading: prometheus.Reading) -> planner.RoleMetrics:
+    assert isinstance(reading.metrics, planner.RoleMetrics), reading.metrics
     return reading.metrics
 
 
@@ -133,13 +133,9 @@ def test_signals_of_both_roles(start_prometheus: Start, exporters: Callable[...,
         d1.serve(20, ttft=0.3, itl=0.06)
         d2.serve(20, ttft=0.3, itl=0.06)
 
-    def complete(r: metrics_source.Reading) -> bool:
+    def complete(r: prometheus.Reading) -> bool:
         m = r.metrics
-        return (
-            r.warm == r.targets > 0
-            and isinstance(m, autoscaling.RoleMetrics)
-            and m.ttft is not None
-        )
+        return r.warm == r.targets > 0 and isinstance(m, planner.RoleMetrics) and m.ttft is not None
 
     prefill = read_until(prom, "prefill", complete, feed)
     decode = read_until(prom, "decode", lambda r: complete(r) and metrics(r).tpot is not None, feed)
@@ -157,8 +153,8 @@ def test_signals_of_both_roles(start_prometheus: Start, exporters: Callable[...,
     assert dm.tpot is not None
     assert 0.05 < dm.tpot <= 0.075
     # Fed to the planner: decode is past its TPOT and KV targets, prefill within TTFT.
-    inputs = autoscaling.Inputs(decode=decode.inputs(2, 2), prefill=prefill.inputs(1, 1))
-    plans = autoscaling.run(SPEC, [(t, inputs) for t in (0.0, 1.0, 2.0)])
+    inputs = planner.Inputs(decode=decode.inputs(2, 2), prefill=prefill.inputs(1, 1))
+    plans = planner.run(SPEC, [(t, inputs) for t in (0.0, 1.0, 2.0)])
     assert plans[-1].decode.reason.startswith("decode 2→3: TPOT p90 ")
     assert plans[-1].decode.metrics_available
 
@@ -176,7 +172,7 @@ def test_young_targets_are_warming(
     reading = read_until(
         prom,
         "decode",
-        lambda r: isinstance(r.metrics, autoscaling.RoleMetrics) and r.metrics.kv_usage is not None,
+        lambda r: isinstance(r.metrics, planner.RoleMetrics) and r.metrics.kv_usage is not None,
         warmup=600,
     )
     assert (reading.targets, reading.warm) == (1, 0)
@@ -184,8 +180,8 @@ def test_young_targets_are_warming(
     m = metrics(reading)
     assert m.kv_usage == pytest.approx(0.3)
     assert (m.tpot, m.ttft, m.queue_depth) == (None, None, 0)
-    inputs = autoscaling.Inputs(decode=reading.inputs(replicas=1, ready=1))
-    plan = autoscaling.decide(SPEC, inputs, autoscaling.PlannerState(), 0.0)
+    inputs = planner.Inputs(decode=reading.inputs(replicas=1, ready=1))
+    plan = planner.decide(SPEC, inputs, planner.PlannerState(), 0.0)
     assert plan.decode.reason == (
         "decode holds at 1: 1 warming up, 0 starting: no signal from a warm worker yet"
     )
@@ -198,7 +194,7 @@ def test_missing_metric_is_unavailable(
     prom = start_prometheus([target(d, "decode")])
     prom.wait_for('up{role="decode"}', lambda r: len(r) == 1)
     reading = read(prom, "decode")
-    assert reading.metrics == autoscaling.MetricsUnavailable(
+    assert reading.metrics == planner.MetricsUnavailable(
         "vllm:kv_cache_usage_perc not exposed by the decode workers"
     )
 
@@ -210,7 +206,7 @@ def test_no_worker_is_unavailable(
     prom = start_prometheus([target(d, "decode")])
     prom.wait_for('up{role="decode"}', lambda r: len(r) == 1)
     reading = read(prom, "prefill", pool="other")
-    assert isinstance(reading.metrics, autoscaling.MetricsUnavailable)
+    assert isinstance(reading.metrics, planner.MetricsUnavailable)
     assert reading.metrics.reason.startswith("no prefill worker is scraped")
 
 
@@ -222,18 +218,16 @@ def test_prometheus_down_is_unavailable_and_the_planner_holds(
     d.kv.set(0.05)
     prom = start_prometheus([target(d, "decode")])
     reading = read_until(prom, "decode", lambda r: r.warm == 1)
-    state = autoscaling.PlannerState()
+    state = planner.PlannerState()
     for t in range(11):  # slack long enough for a scale-down
-        plan = autoscaling.decide(
-            SPEC, autoscaling.Inputs(decode=reading.inputs(5, 5)), state, float(t)
-        )
+        plan = planner.decide(SPEC, planner.Inputs(decode=reading.inputs(5, 5)), state, float(t))
         state = plan.state
     assert plan.decode.action == "scale-down"
     prom.stop()
     down = read(prom, "decode")
-    assert isinstance(down.metrics, autoscaling.MetricsUnavailable)
+    assert isinstance(down.metrics, planner.MetricsUnavailable)
     assert down.metrics.reason.startswith(f"Prometheus unreachable at {prom.url}")
-    plan = autoscaling.decide(SPEC, autoscaling.Inputs(decode=down.inputs(4, 4)), state, 12.0)
+    plan = planner.decide(SPEC, planner.Inputs(decode=down.inputs(4, 4)), state, 12.0)
     assert (plan.decode.replicas, plan.decode.metrics_available) == (4, False)
     assert plan.decode.reason.startswith(
         "decode holds at 4: metrics unavailable (Prometheus unreachable"
@@ -299,9 +293,9 @@ def test_emulated_engines(start_prometheus: Start, emulators: Callable[[str], Em
                 f"http://127.0.0.1:{e.port}/v1/completions", json=body, timeout=30
             ).raise_for_status()
 
-    def measured(r: metrics_source.Reading) -> bool:
+    def measured(r: prometheus.Reading) -> bool:
         m = r.metrics
-        return r.warm == 1 and isinstance(m, autoscaling.RoleMetrics) and m.ttft is not None
+        return r.warm == 1 and isinstance(m, planner.RoleMetrics) and m.ttft is not None
 
     p = metrics(read_until(prom, "prefill", measured, feed))
     d = metrics(

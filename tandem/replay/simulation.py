@@ -49,9 +49,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tandem import roles
+from tandem.autoscaling import planner as autoscaling
+from tandem.autoscaling import signals
 from tandem.workers.emulator import timing
-
-from . import autoscaling
 
 __all__ = [
     "Colocated",
@@ -74,7 +75,7 @@ __all__ = [
     "steady",
 ]
 
-WorkerKind = Literal["prefill", "decode", "mixed"]
+WorkerKind = roles.WorkerKind
 
 
 # ---------------------------------------------------------------------------
@@ -627,7 +628,7 @@ class _Sim:
         self.order = itertools.count()
         self.workers: list[_Worker] = []
         self.router: dict[WorkerKind, deque[_Req]] = {
-            "prefill": deque(), "decode": deque(), "mixed": deque()
+            "prefill": deque(), "decode": deque(), "aggregated": deque()
         }  # fmt: skip
         self.outcomes: list[RequestOutcome] = []
         self.decisions: list[Decision] = []
@@ -804,7 +805,7 @@ class _Sim:
         for req in w.queue:
             if budget <= 0:
                 break
-            if w.kind == "mixed" and req.prefilled == 0:
+            if w.kind == "aggregated" and req.prefilled == 0:
                 if not self.fits(w, req, seqs):
                     break
                 w.pending_kv += req.request.prompt_tokens
@@ -849,7 +850,7 @@ class _Sim:
     # -- events ----------------------------------------------------------------
 
     def on_arrival(self, req: _Req) -> None:
-        self.dispatch("mixed" if isinstance(self.strategy, Colocated) else "prefill", req)
+        self.dispatch("aggregated" if isinstance(self.strategy, Colocated) else "prefill", req)
 
     def on_transferred(self, w: _Worker, req: _Req) -> None:
         w.transferring -= 1
@@ -865,7 +866,7 @@ class _Sim:
         cfg = self.config
         s = self.strategy
         if isinstance(s, Colocated):
-            sizes: dict[WorkerKind, int] = {"mixed": s.workers}
+            sizes: dict[WorkerKind, int] = {"aggregated": s.workers}
         else:
             sizes = {"prefill": s.prefill, "decode": s.decode}
         for kind, count in sizes.items():
@@ -919,7 +920,7 @@ class _Sim:
         for k in range(int(end // step) + 1):
             t = k * step
             p, d = (
-                (0, count("mixed", t))
+                (0, count("aggregated", t))
                 if isinstance(s, Colocated)
                 else (count("prefill", t), count("decode", t))
             )
@@ -955,9 +956,9 @@ class _Sim:
                 sizes[role] = size
 
     def role_inputs(self, role: autoscaling.Role) -> autoscaling.RoleInputs:
-        """What metrics_source would read over the window: latency and queue from
-        warm workers, load (KV usage, finished requests, prompt tokens) from every
-        ready one."""
+        """What Prometheus would read over the window (a :class:`~tandem.autoscaling.signals.Snapshot`),
+        made the planner's inputs by the same :func:`~tandem.autoscaling.signals.role_inputs`
+        as the operator's and local mode's."""
         cfg = self.config
         kind: WorkerKind = role
         pool = self.pool(kind)
@@ -975,8 +976,10 @@ class _Sim:
                 1 for w in warm for r in w.queue if r.prefilled == 0 and id(r) not in in_step
             )
             done = self.prompt_done.window(start, self.now, serving)
-            metrics = autoscaling.RoleMetrics(
-                queue_depth=float(queue + len(self.router["prefill"])),
+            snapshot = signals.Snapshot(
+                targets=len(ready),
+                warm=len(warm),
+                engine_waiting=float(queue),
                 ttft=_weighted_quantile(
                     self.worker_ttft.window(start, self.now, ids), cfg.percentile
                 ),
@@ -986,15 +989,16 @@ class _Sim:
         else:
             queue = sum(len(w.waiting) + w.transferring for w in warm)
             kv = [min(1.0, (w.kv_tokens(self.now) + w.pending_kv) / self.capacity) for w in ready]
-            metrics = autoscaling.RoleMetrics(
-                queue_depth=float(queue + len(self.router["decode"])),
+            snapshot = signals.Snapshot(
+                targets=len(ready),
+                warm=len(warm),
+                engine_waiting=float(queue),
+                router_queued=float(len(self.router["decode"])),
                 tpot=_weighted_quantile(self.itl.window(start, self.now, ids), cfg.percentile),
                 kv_usage=sum(kv) / len(kv) if kv else None,
                 request_rate=len(self.finished.window(start, self.now, serving)) / span,
             )
-        return autoscaling.RoleInputs(
-            replicas=len(pool), ready=len(ready), warming=len(ready) - len(warm), metrics=metrics
-        )
+        return signals.role_inputs(role, snapshot, replicas=len(pool), ready=len(ready))
 
     def apply(self, role: autoscaling.Role, target: int, reason: str) -> None:
         kind: WorkerKind = role

@@ -61,7 +61,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from . import api
+from tandem import roles
+from tandem.autoscaling import capacity
+from tandem.operator import api
 
 __all__ = [
     "Action",
@@ -80,11 +82,7 @@ __all__ = [
     "RoleMetrics",
     "RoleState",
     "decide",
-    "decode_rate",
-    "decode_workers_needed",
-    "erlang_c",
     "kv_at_tpot_objective",
-    "kv_usage_on",
     "prefill_utilization",
     "prefill_workers_needed",
     "pressures",
@@ -92,7 +90,7 @@ __all__ = [
     "tpot_line",
 ]
 
-Role = Literal["prefill", "decode"]
+Role = roles.Role
 Policy = api.AutoscalingPolicy
 Action = Literal["scale-up", "scale-down", "hold", "none"]
 """``none``: the planner does not own replicas (``policy: external``)."""
@@ -484,25 +482,29 @@ def pressures(
                 target = max(0.01, min(target, spec.tpot_headroom * edge))
             # The trend is of the pool's decode rate (its load), not of the mean
             # usage, which jumps whenever a worker comes or goes.
-            past = [(t, decode_rate(kv, n, line)) for t, kv, n, _ in state.trend if kv is not None]
+            past = [
+                (t, capacity.decode_rate(kv, n, line))
+                for t, kv, n, _ in state.trend
+                if kv is not None
+            ]
             ready = max(1, inputs.ready)
-            rate = _ahead(spec, past, decode_rate(m.kv_usage, ready, line), now)
-            kv = kv_usage_on(rate, ready, line)
+            rate = _ahead(spec, past, capacity.decode_rate(m.kv_usage, ready, line), now)
+            kv = capacity.kv_usage_on(rate, ready, line)
             text = f"KV usage {m.kv_usage:.0%}"
             if kv > m.kv_usage + 0.005:
                 rising = f"{kv:.0%}" if math.isfinite(kv) else "full"
                 text += f" (rising: {rising} in {_ms(spec.lead)})"
             # As a ratio of workers needed to workers measured (see
             # decode_rate): ``ceil(warm * ratio)`` is the pool that fits.
-            needed = decode_workers_needed(rate, target, line)
+            needed = capacity.decode_workers_needed(rate, target, line)
             out.append(Pressure("kv", kv, target, needed / warm, text))
     if role == "prefill" and m.prompt_token_rate is not None:
-        capacity = spec.prefill_capacity or state.capacity
-        if capacity:
+        per_worker = spec.prefill_capacity or state.capacity
+        if per_worker:
             service = None
             if m.request_rate and m.prompt_token_rate > 0:
-                service = m.prompt_token_rate / m.request_rate / capacity
-            target = capacity * prefill_utilization(spec, warm, service) * warm
+                service = m.prompt_token_rate / m.request_rate / per_worker
+            target = per_worker * prefill_utilization(spec, warm, service) * warm
             past = [(t, r) for t, _, _, r in state.trend if r is not None]
             load = _ahead(spec, past, m.prompt_token_rate, now)
             text = f"prompt load {m.prompt_token_rate:.0f} tok/s"
@@ -510,35 +512,9 @@ def pressures(
                 text += f" (rising: {load:.0f} in {_ms(spec.lead)})"
             # The ratio is of workers needed (each size at its own utilization) to
             # workers measured, so that ``ceil(warm * ratio)`` is the pool that fits.
-            needed = prefill_workers_needed(spec, load / capacity, service)
+            needed = prefill_workers_needed(spec, load / per_worker, service)
             out.append(Pressure("load", load, target, needed / warm, text))
     return tuple(out)
-
-
-def erlang_c(servers: int, offered: float) -> float:
-    """Probability that a request waits (Erlang C): ``servers`` workers, ``offered``
-    load in workers (arrival rate x mean service time); 1 when ``offered >= servers``."""
-    if servers < 1 or offered >= servers:
-        return 1.0
-    if offered <= 0:
-        return 0.0
-    blocking = 1.0  # Erlang B by its recurrence, stable for any pool size
-    for k in range(1, servers + 1):
-        blocking = offered * blocking / (k + offered * blocking)
-    return servers * blocking / (servers - offered * (1 - blocking))
-
-
-def queue_wait_quantile_ok(
-    servers: int, utilization: float, service: float, wait: float, q: float
-) -> bool:
-    """Whether ``servers`` workers at ``utilization`` keep the ``q`` quantile of the
-    queueing delay within ``wait`` seconds (M/M/c: ``P(W > t) = C · e^(-(c-a)t/s)``,
-    with mean service time ``service``; exponential service times make it cautious)."""
-    if wait <= 0:
-        return False
-    offered = servers * utilization
-    tail = erlang_c(servers, offered) * math.exp(-(servers - offered) * wait / service)
-    return tail <= 1 - q
 
 
 def prefill_utilization(spec: PlannerSpec, workers: int, service: float | None) -> float:
@@ -553,12 +529,12 @@ def prefill_utilization(spec: PlannerSpec, workers: int, service: float | None) 
     if service is None or service <= 0:
         return cap
     n, wait, q = max(1, workers), spec.ttft - service, spec.percentile / 100
-    if queue_wait_quantile_ok(n, cap, service, wait, q):
+    if capacity.queue_wait_quantile_ok(n, cap, service, wait, q):
         return cap
     lo, hi = 0.0, cap
     for _ in range(30):
         mid = (lo + hi) / 2
-        if queue_wait_quantile_ok(n, mid, service, wait, q):
+        if capacity.queue_wait_quantile_ok(n, mid, service, wait, q):
             lo = mid
         else:
             hi = mid
@@ -627,43 +603,6 @@ def kv_at_tpot_objective(spec: PlannerSpec, state: RoleState) -> float | None:
         return None
     floor, slope = line
     return (spec.tpot - floor) / slope
-
-
-def decode_rate(usage: float, workers: int, line: tuple[float, float] | None) -> float:
-    """The decode load of ``workers`` at mean KV ``usage``: what the pool would
-    carry at any size.
-
-    The KV a worker holds is its sequences times their context, and a sequence
-    stays for its output tokens times the step time, which grows with the KV held
-    (:func:`tpot_line`). So fewer workers hold more than their share, and usage
-    is not conserved across pool sizes: the rate at which sequences pass through,
-    in KV units, ``usage * workers / tpot(usage)``, is. Without a line the usage is
-    taken as proportional (``usage * workers``)."""
-    if line is None:
-        return usage * workers
-    floor, slope = line
-    return usage * workers / (floor + slope * usage)
-
-
-def kv_usage_on(rate: float, workers: int, line: tuple[float, float] | None) -> float:
-    """The mean KV usage of ``workers`` carrying decode ``rate`` (inverse of
-    :func:`decode_rate`); infinite where they cannot carry it."""
-    if line is None:
-        return rate / max(workers, 1)
-    floor, slope = line
-    room = workers - rate * slope
-    return rate * floor / room if room > 0 else math.inf
-
-
-def decode_workers_needed(rate: float, target: float, line: tuple[float, float] | None) -> float:
-    """Decode workers that carry ``rate`` (:func:`decode_rate`) at a mean KV usage
-    of at most ``target``; fractional, so that ``ceil`` of it is the pool that fits."""
-    if target <= 0:
-        return math.inf
-    if line is None:
-        return rate / target
-    floor, slope = line
-    return rate * (slope + floor / target)
 
 
 def _remember_pair(spec: PlannerSpec, inputs: RoleInputs, state: RoleState) -> RoleState:

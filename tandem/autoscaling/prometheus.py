@@ -1,8 +1,10 @@
 """The planner's inputs, read from Prometheus.
 
-The adapter between :mod:`.autoscaling` (pure) and Prometheus (I/O). For each
+A thin adapter between Prometheus (I/O) and :mod:`.signals` (pure). For each
 role it runs the PromQL of :func:`queries` (the same table is in
-``operator/AUTOSCALING.md``) with prometheus-api-client, whose client is
+``tandem/autoscaling/AUTOSCALING.md``), which fetches the raw quantities of a
+:class:`~.signals.Snapshot`; :func:`.signals.role_inputs` makes them the
+planner's inputs, as it does for local mode and the replay. prometheus-api-client's client is
 synchronous, so every query runs in a worker thread (``asyncio.to_thread``) and
 the queries of a role run concurrently.
 
@@ -16,8 +18,12 @@ usage, request and prompt-token rates) is read from every scraped worker: what
 a warming worker carries is load all the same, and leaving it out would make a
 worker turning warm look like a rise in demand.
 
+The router's admission queue comes from the pool's router targets (matched by
+``pool`` and ``namespace``, not ``role``); a pool whose router is not scraped adds
+nothing to the decode queue.
+
 Anything that cannot be read is reported as
-:class:`~.autoscaling.MetricsUnavailable` with the reason (Prometheus
+:class:`~.planner.MetricsUnavailable` with the reason (Prometheus
 unreachable, a query refused, no worker scraped, a required metric absent),
 never as zeros: the planner then holds the pool's size. An empty window (no
 request finished, so no latency quantile) is not an error: the signal is
@@ -33,7 +39,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import autoscaling
+from tandem import roles
+from tandem.autoscaling import planner, signals
 
 __all__ = [
     "QueryError",
@@ -42,7 +49,6 @@ __all__ = [
     "SourceSettings",
     "prometheus_query",
     "queries",
-    "required_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,12 +56,8 @@ logger = logging.getLogger(__name__)
 Query = Callable[[str], list[dict[str, Any]]]
 """A synchronous instant query: PromQL in, Prometheus' ``result`` list out."""
 
-WAITING = "vllm:num_requests_waiting"
-KV_USAGE = "vllm:kv_cache_usage_perc"
-TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
-ITL_BUCKET = "vllm:inter_token_latency_seconds_bucket"
-SUCCESS = "vllm:request_success_total"
-PROMPT_TOKENS = "vllm:prompt_tokens_total"
+TTFT_BUCKET = f"{signals.TTFT}_bucket"
+ITL_BUCKET = f"{signals.ITL}_bucket"
 
 
 class QueryError(Exception):
@@ -82,22 +84,39 @@ class SourceSettings:
 class Reading:
     """One role's signals and the targets they came from."""
 
-    metrics: autoscaling.RoleMetrics | autoscaling.MetricsUnavailable
-    targets: int = 0
-    """Targets of the role that are up."""
-    warm: int = 0
-    """Of those, the ones up for longer than ``warmup`` (the only sources of signals)."""
+    role: roles.Role
+    snapshot: signals.Snapshot | None
+    """What Prometheus answered; None when it could not be asked."""
+    error: str = ""
+    """Why there is no snapshot."""
 
-    def inputs(self, replicas: int, ready: int) -> autoscaling.RoleInputs:
+    @property
+    def metrics(self) -> planner.RoleMetrics | planner.MetricsUnavailable:
+        if self.snapshot is None:
+            return planner.MetricsUnavailable(self.error)
+        return signals.metrics(self.role, self.snapshot)
+
+    @property
+    def targets(self) -> int:
+        """Targets of the role that are up."""
+        return 0 if self.snapshot is None else self.snapshot.targets
+
+    @property
+    def warm(self) -> int:
+        """Of those, the ones up for longer than ``warmup`` (the only sources of signals)."""
+        return 0 if self.snapshot is None else self.snapshot.warm
+
+    def inputs(self, replicas: int, ready: int) -> planner.RoleInputs:
         """The planner's inputs, given what the Deployment says."""
-        warming = max(0, min(ready, self.targets) - self.warm)
-        return autoscaling.RoleInputs(
-            replicas=replicas, ready=ready, warming=warming, metrics=self.metrics
-        )
+        if self.snapshot is None:
+            return planner.RoleInputs(replicas=replicas, ready=ready, metrics=self.metrics)
+        return signals.role_inputs(self.role, self.snapshot, replicas=replicas, ready=ready)
 
 
-def _selector(settings: SourceSettings, pool: str, role: str, namespace: str | None) -> str:
-    parts = [f'{settings.pool_label}="{pool}"', f'{settings.role_label}="{role}"']
+def _selector(settings: SourceSettings, pool: str, role: str | None, namespace: str | None) -> str:
+    parts = [f'{settings.pool_label}="{pool}"']
+    if role is not None:
+        parts.append(f'{settings.role_label}="{role}"')
     if namespace is not None:
         parts.append(f'{settings.namespace_label}="{namespace}"')
     return ",".join(parts)
@@ -116,9 +135,15 @@ def _name_pattern(name: str) -> str:
 
 
 def queries(
-    selector: str, role: autoscaling.Role, percentile: float, window: float, warmup: float
+    selector: str,
+    role: roles.Role,
+    percentile: float,
+    window: float,
+    warmup: float,
+    router_selector: str | None = None,
 ) -> dict[str, str]:
-    """The PromQL of every signal of a role (``selector``: its label matchers)."""
+    """The PromQL of every signal of a role (``selector``: its workers' label
+    matchers; ``router_selector``: the pool's router targets, for decode's queue)."""
     w, age = _seconds(window), _seconds(warmup)
     warm = f"on(instance) (up{{{selector}}} offset {age})"
 
@@ -141,26 +166,21 @@ def queries(
     out = {
         "targets": f"count(up{{{selector}}} == 1)",
         "warm": f"count(up{{{selector}}} == 1 and {warm})",
-        "queue_depth": gauge("sum", WAITING),
-        "request_rate": rate(SUCCESS),
+        "engine_waiting": gauge("sum", signals.WAITING),
+        "request_rate": rate(signals.SUCCESS),
     }
     if role == "prefill":
         out["ttft"] = quantile(TTFT_BUCKET)
-        out["prompt_token_rate"] = rate(PROMPT_TOKENS)
+        out["prompt_token_rate"] = rate(signals.PROMPT_TOKENS)
     else:
         out["ttft"] = quantile(TTFT_BUCKET)
         out["tpot"] = quantile(ITL_BUCKET)
-        out["kv_usage"] = load("avg", KV_USAGE)
-    for name in required_metrics(role):
+        out["kv_usage"] = load("avg", signals.KV_USAGE)
+        if router_selector is not None:
+            out["router_queued"] = f"sum({signals.ROUTER_QUEUED}{{{router_selector}}})"
+    for name in signals.required(role):
         out[f"present {name}"] = f"count({series(name)})"
     return out
-
-
-def required_metrics(role: autoscaling.Role) -> tuple[str, ...]:
-    """Metric names whose absence makes a role's signals unavailable."""
-    if role == "prefill":
-        return (WAITING, TTFT_BUCKET)
-    return (WAITING, ITL_BUCKET, KV_USAGE)
 
 
 def prometheus_query(settings: SourceSettings) -> Query:
@@ -220,9 +240,9 @@ class Source:
 
     async def read(
         self,
-        spec: autoscaling.PlannerSpec,
+        spec: planner.PlannerSpec,
         pool: str,
-        role: autoscaling.Role,
+        role: roles.Role,
         *,
         window: float,
         warmup: float,
@@ -230,7 +250,8 @@ class Source:
     ) -> Reading:
         """One role's reading; unavailable (with the reason) rather than zeros."""
         selector = _selector(self.settings, pool, role, namespace)
-        promql = queries(selector, role, spec.percentile, window, warmup)
+        router = _selector(self.settings, pool, None, namespace)
+        promql = queries(selector, role, spec.percentile, window, warmup, router)
         key = (pool if namespace is None else f"{namespace}/{pool}", role)
         try:
             raw = await self._run(promql)
@@ -238,41 +259,38 @@ class Source:
             if self._failing.get(key) != str(exc):
                 logger.warning("[%s/%s] %s (logged again only if it changes)", *key, exc)
             self._failing[key] = str(exc)
-            return Reading(autoscaling.MetricsUnavailable(str(exc)))
+            return Reading(role, None, str(exc))
         if self._failing.pop(key, None) is not None:
             logger.info("[%s/%s] Prometheus answers again", *key)
-        targets = int(_scalar(raw["targets"]) or 0)
-        warm = int(_scalar(raw["warm"]) or 0)
-        if targets == 0:
-            why = f"no {role} worker is scraped (up{{{selector}}})"
-            return Reading(autoscaling.MetricsUnavailable(why), targets, warm)
-        missing = [n for n in required_metrics(role) if not _scalar(raw[f"present {n}"])]
-        if missing:
-            why = f"{', '.join(missing)} not exposed by the {role} workers"
-            return Reading(autoscaling.MetricsUnavailable(why), targets, warm)
-        queue = _scalar(raw["queue_depth"])
-        metrics = autoscaling.RoleMetrics(
-            queue_depth=queue or 0.0,
-            ttft=_scalar(raw["ttft"]),
-            tpot=_scalar(raw["tpot"]) if "tpot" in raw else None,
-            kv_usage=_scalar(raw["kv_usage"]) if "kv_usage" in raw else None,
-            request_rate=_scalar(raw["request_rate"]),
-            prompt_token_rate=(
-                _scalar(raw["prompt_token_rate"]) if "prompt_token_rate" in raw else None
-            ),
+
+        def value(name: str) -> float | None:
+            return _scalar(raw[name]) if name in raw else None
+
+        snapshot = signals.Snapshot(
+            targets=int(value("targets") or 0),
+            warm=int(value("warm") or 0),
+            missing=tuple(n for n in signals.required(role) if not value(f"present {n}")),
+            engine_waiting=value("engine_waiting") or 0.0,
+            router_queued=value("router_queued") or 0.0,
+            ttft=value("ttft"),
+            tpot=value("tpot"),
+            kv_usage=value("kv_usage"),
+            request_rate=value("request_rate"),
+            prompt_token_rate=value("prompt_token_rate"),
+            where=f"up{{{selector}}}",
         )
-        return Reading(metrics, targets, warm)
+        return Reading(role, snapshot)
 
     async def read_pool(
         self,
-        spec: autoscaling.PlannerSpec,
+        spec: planner.PlannerSpec,
         pool: str,
-        roles: tuple[autoscaling.Role, ...],
+        roles: tuple[roles.Role, ...],
         *,
         window: float,
         warmup: float,
         namespace: str | None = None,
-    ) -> dict[autoscaling.Role, Reading]:
+    ) -> dict[roles.Role, Reading]:
         """Every role's reading, concurrently."""
         readings = await asyncio.gather(
             *(
