@@ -1,7 +1,7 @@
 """Replay workloads through simulated pools: Tandem's planner against static
 peak provisioning, a GPU-utilization HPA and a colocated pool.
 
-The simulation is :mod:`tandem.operator.replay` (virtual time, the emulator's
+The simulation is :mod:`tandem.replay` (virtual time, the emulator's
 H100 roofline for Llama-3.1-8B); this script only chooses the scenarios, runs
 them (in parallel processes) and writes the report and the plots.
 
@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tandem import replay
 from tandem.autoscaling import planner as autoscaling
-from tandem.replay import simulation as replay
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_REPLICAS = 16

@@ -4,7 +4,8 @@ httpx, not the ``kubernetes`` package's generated client: that client is
 synchronous (a thread per call), untyped, and has no transport seam. Credentials
 still come from the ``kubernetes`` package's loaders, so in-cluster service
 accounts (with their rotating tokens) and kubeconfig files work as everywhere
-else; kopf gets the same credentials through its login hook.
+else (:mod:`tandem.kubeconfig`, one loader for the operator and the router); kopf
+gets the same credentials through its login hook.
 
 Errors from the API and the network are translated here, once, into
 :class:`ApiError` and its subclasses.
@@ -14,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import ssl
 from collections.abc import Callable, Generator, Mapping
-from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tandem import kubeconfig as tandem_kubeconfig
 
 from . import kinds
 
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 K8sObject = dict[str, Any]
 
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
-IN_CLUSTER_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 class ApiError(Exception):
@@ -83,43 +83,17 @@ class Credentials:
 
 
 def load_credentials(kubeconfig: str | None = None, context: str | None = None) -> Credentials:
-    """In-cluster credentials when running in a pod (and no kubeconfig is named), else kubeconfig."""
-    from kubernetes import client as k8s_client
-    from kubernetes import config as k8s_config
-
-    cfg = k8s_client.Configuration()
-    namespace: str | None = None
-    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        if IN_CLUSTER_NAMESPACE_FILE.exists():
-            namespace = IN_CLUSTER_NAMESPACE_FILE.read_text().strip() or None
-    else:
-        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig, context=context, client_configuration=cfg
-        )
-        contexts, current = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig
-        )
-        chosen = (
-            next((c for c in contexts if c["name"] == context), current) if context else current
-        )
-        namespace = (chosen or {}).get("context", {}).get("namespace")
-
-    def authorization() -> str | None:
-        # Newer clients keep the token under "BearerToken", older ones under "authorization".
-        value = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix(
-            "authorization"
-        )
-        return str(value) if value else None
-
+    """In-cluster credentials when running in a pod (and no kubeconfig is named), else
+    the kubeconfig (:mod:`tandem.kubeconfig`, the loader the router uses too)."""
+    creds = tandem_kubeconfig.auto(kubeconfig, context)
     return Credentials(
-        server=str(cfg.host),
-        ca_path=cfg.ssl_ca_cert or None,
-        cert_path=cfg.cert_file or None,
-        key_path=cfg.key_file or None,
-        insecure=not cfg.verify_ssl,
-        authorization=authorization,
-        namespace=namespace,
+        server=creds.server,
+        ca_path=creds.ca_file,
+        cert_path=creds.cert_file,
+        key_path=creds.key_file,
+        insecure=creds.insecure,
+        authorization=creds.authorization,
+        namespace=creds.namespace,
     )
 
 

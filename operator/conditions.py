@@ -27,6 +27,15 @@ Component = Literal["prefill", "decode", "router"]
 
 
 @dataclass(frozen=True)
+class Problem:
+    """Something that went wrong while reconciling, for Degraded."""
+
+    reason: str
+    """CamelCase, e.g. ``ChildConflict``, ``ApplyFailed``, ``InvalidSpec``."""
+    message: str
+
+
+@dataclass(frozen=True)
 class Workload:
     """What one Deployment of the pool looks like right now."""
 
@@ -38,7 +47,7 @@ class Workload:
     updated: int = 0
     generation: int = 0
     observed_generation: int = 0
-    failure: str | None = None
+    failure: Problem | None = None
     """Why the Deployment cannot make progress, when it says so."""
 
     @classmethod
@@ -49,12 +58,15 @@ class Workload:
         status = deployment.get("status") or {}
         failure = None
         for cond in status.get("conditions") or []:
+            reason: str | None = None
             if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
-                failure = f"ReplicaFailure: {cond.get('message', '')}".strip()
+                reason = "ReplicaFailure"
             elif cond.get("type") == "Progressing" and cond.get("reason") == (
                 "ProgressDeadlineExceeded"
             ):
-                failure = f"ProgressDeadlineExceeded: {cond.get('message', '')}".strip()
+                reason = "ProgressDeadlineExceeded"
+            if reason is not None:
+                failure = Problem(reason, f"{reason}: {cond.get('message', '')}".strip())
         return cls(
             exists=True,
             desired=int(spec.get("replicas", 1)),
@@ -83,15 +95,6 @@ class Workload:
 
     def summary(self) -> str:
         return f"{self.ready}/{self.desired}"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Something that went wrong while reconciling, for Degraded."""
-
-    reason: str
-    """CamelCase, e.g. ``ChildConflict``, ``ApplyFailed``, ``InvalidSpec``."""
-    message: str
 
 
 @dataclass(frozen=True)

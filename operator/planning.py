@@ -243,6 +243,9 @@ def router_config(pool: api.InferencePool) -> dict[str, Any]:
     """What the router reads from its ConfigMap (see tandem.router.settings)."""
     spec = pool.spec
     return {
+        # The router's metrics carry it as their `pool` label, which the autoscaler
+        # matches (the served model name may be shared by several pools).
+        "poolName": pool.name,
         "servedModelName": spec.model.effective_served_name,
         "mode": spec.mode,
         "policy": spec.router.policy,

@@ -14,21 +14,17 @@ the cluster's); worker traffic, scraping included, uses the app's one client.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import os
 import ssl
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-import yaml
 
-from tandem import roles, vllm_metrics
+from tandem import kubeconfig, roles, vllm_metrics
 from tandem.router import endpoints, settings
 
 __all__ = [
@@ -47,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 Sink = Callable[[roles.Role, Sequence[str]], None]
 
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 WATCH_SECONDS = 290
 """Server-side watch timeout; the client's read timeout is a little longer."""
@@ -84,75 +79,31 @@ class ApiServer:
     token: str | None = None
     token_file: Path | None = None
     """Re-read on every request: in-cluster tokens are rotated."""
+    credentials: kubeconfig.Credentials | None = None
+    """When loaded from a kubeconfig or the service account: asked per request
+    (token files and credential plugins)."""
 
     def headers(self) -> dict[str, str]:
+        if self.credentials is not None:
+            value = self.credentials.authorization()
+            return {"Authorization": value} if value else {}
         token = self.token
         if self.token_file is not None:
             token = self.token_file.read_text(encoding="utf-8").strip()
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     @classmethod
-    def in_cluster(cls, root: Path = SERVICE_ACCOUNT) -> ApiServer:
-        host = os.environ["KUBERNETES_SERVICE_HOST"]
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        host = f"[{host}]" if ":" in host else host
-        context = ssl.create_default_context(cafile=str(root / "ca.crt"))
-        return cls(f"https://{host}:{port}", context, token_file=root / "token")
+    def from_credentials(cls, creds: kubeconfig.Credentials) -> ApiServer:
+        return cls(creds.server, creds.ssl_context(), credentials=creds)
+
+    @classmethod
+    def in_cluster(cls, root: Path = kubeconfig.SERVICE_ACCOUNT) -> ApiServer:
+        return cls.from_credentials(kubeconfig.in_cluster(root))
 
     @classmethod
     def from_kubeconfig(cls, path: str | Path, context: str | None = None) -> ApiServer:
-        """The current (or named) context of a kubeconfig: server, CA, token or
-        client certificate (files or inline ``*-data``)."""
-        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        name = context or config.get("current-context")
-        ctx = _named(config.get("contexts"), name)["context"]
-        cluster = _named(config.get("clusters"), ctx["cluster"])["cluster"]
-        user = _named(config.get("users"), ctx["user"])["user"] if ctx.get("user") else {}
-        server: str = cluster["server"]
-        ssl_context = None
-        if server.startswith("https://"):
-            ssl_context = _ssl_context(cluster, user, Path(path).parent)
-        token_file = user.get("tokenFile")
-        return cls(
-            server.rstrip("/"),
-            ssl_context,
-            token=user.get("token"),
-            token_file=Path(token_file) if token_file else None,
-        )
-
-
-def _named(items: Any, name: str | None) -> dict[str, Any]:
-    for item in items or []:
-        if item.get("name") == name:
-            found: dict[str, Any] = item
-            return found
-    raise ValueError(f"kubeconfig has no entry named {name!r}")
-
-
-def _ssl_context(cluster: Mapping[str, Any], user: Mapping[str, Any], base: Path) -> ssl.SSLContext:
-    if cluster.get("insecure-skip-tls-verify"):
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif "certificate-authority-data" in cluster:
-        pem = base64.b64decode(cluster["certificate-authority-data"]).decode()
-        context = ssl.create_default_context(cadata=pem)
-    elif "certificate-authority" in cluster:
-        context = ssl.create_default_context(cafile=str(base / cluster["certificate-authority"]))
-    else:
-        context = ssl.create_default_context()
-    if "client-certificate-data" in user:
-        # ssl loads key pairs from files only: write them where only we can read.
-        folder = Path(tempfile.mkdtemp(prefix="tandem-router-"))
-        cert, key = folder / "client.crt", folder / "client.key"
-        cert.write_bytes(base64.b64decode(user["client-certificate-data"]))
-        key.write_bytes(base64.b64decode(user["client-key-data"]))
-        context.load_cert_chain(str(cert), str(key))
-    elif "client-certificate" in user:
-        context.load_cert_chain(
-            str(base / user["client-certificate"]), str(base / user["client-key"])
-        )
-    return context
+        """The current (or named) context of a kubeconfig (:func:`tandem.kubeconfig.load`)."""
+        return cls.from_credentials(kubeconfig.load(path, context))
 
 
 def ready_urls(endpoint_slice: Mapping[str, Any], default_port: int) -> list[str]:

@@ -156,3 +156,13 @@ def test_pvc_is_mounted_read_only() -> None:
     } in pod["volumes"]
     args = pod["containers"][0]["args"]
     assert args[args.index("--model") + 1] == "/models"
+
+
+def test_the_router_labels_its_metrics_with_the_pool_name() -> None:
+    """The autoscaler matches the router's queue by ``pool``: the pool's name, not the
+    served model name (which two pools may share)."""
+    from tandem.router import settings as router_settings
+
+    pool = _pool(model={"name": "org/shared-model", "servedName": "shared"})
+    config = router_settings.RouterSettings.model_validate(planning.router_config(pool))
+    assert (config.pool_label, config.served_model_name) == ("p", "shared")

@@ -67,6 +67,7 @@ from tandem.operator import api
 
 __all__ = [
     "Action",
+    "Cause",
     "Inputs",
     "Limit",
     "MetricsUnavailable",
@@ -271,12 +272,24 @@ class RoleMetrics:
     """Prompt tokens/s the role prefilled (prefill's proportional load)."""
 
 
+Cause = Literal[
+    "PrometheusUnreachable", "QueryFailed", "NoTargets", "MetricsMissing", "MetricsUnavailable"
+]
+"""Why a role's signals are unavailable, as the ``MetricsAvailable`` condition's
+reason: Prometheus did not answer, refused a query, scraped no worker of the
+role, lacks a required metric; or something else."""
+
+
 @dataclass(frozen=True)
 class MetricsUnavailable:
     """The signals could not be read; the role holds its size."""
 
     reason: str
-    """Why, e.g. "Prometheus unreachable: connection refused"."""
+    """Why, for people, e.g. "Prometheus unreachable: connection refused"."""
+    cause: Cause = field(default="MetricsUnavailable", compare=False)
+    """Why, for programs: chosen where the failure is found, never read back from
+    ``reason``, so rewording a message changes no condition. Left out of ``==``:
+    two values that say the same thing are equal, whoever classified them."""
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,13 @@ ITL_BUCKET = f"{signals.ITL}_bucket"
 class QueryError(Exception):
     """A query could not be answered (Prometheus unreachable, or it refused it)."""
 
+    cause: planner.Cause
+    """``PrometheusUnreachable`` or ``QueryFailed``, chosen where it is raised."""
+
+    def __init__(self, message: str, cause: planner.Cause) -> None:
+        super().__init__(message)
+        self.cause = cause
+
 
 @dataclass(frozen=True)
 class SourceSettings:
@@ -88,12 +95,14 @@ class Reading:
     snapshot: signals.Snapshot | None
     """What Prometheus answered; None when it could not be asked."""
     error: str = ""
-    """Why there is no snapshot."""
+    """Why there is no snapshot, for people."""
+    error_reason: planner.Cause = "MetricsUnavailable"
+    """Why there is no snapshot, for the ``MetricsAvailable`` condition."""
 
     @property
     def metrics(self) -> planner.RoleMetrics | planner.MetricsUnavailable:
         if self.snapshot is None:
-            return planner.MetricsUnavailable(self.error)
+            return planner.MetricsUnavailable(self.error, self.error_reason)
         return signals.metrics(self.role, self.snapshot)
 
     @property
@@ -203,9 +212,11 @@ def prometheus_query(settings: SourceSettings) -> Query:
         try:
             result: list[dict[str, Any]] = client.custom_query(promql)
         except RequestException as exc:
-            raise QueryError(f"Prometheus unreachable at {settings.url}: {_short(exc)}") from exc
+            raise QueryError(
+                f"Prometheus unreachable at {settings.url}: {_short(exc)}", "PrometheusUnreachable"
+            ) from exc
         except PrometheusApiClientException as exc:
-            raise QueryError(f"Prometheus refused a query: {_short(exc)}") from exc
+            raise QueryError(f"Prometheus refused a query: {_short(exc)}", "QueryFailed") from exc
         return result
 
     return query
@@ -259,7 +270,7 @@ class Source:
             if self._failing.get(key) != str(exc):
                 logger.warning("[%s/%s] %s (logged again only if it changes)", *key, exc)
             self._failing[key] = str(exc)
-            return Reading(role, None, str(exc))
+            return Reading(role, None, str(exc), exc.cause)
         if self._failing.pop(key, None) is not None:
             logger.info("[%s/%s] Prometheus answers again", *key)
 

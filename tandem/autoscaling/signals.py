@@ -92,10 +92,10 @@ def metrics(
     """The role's signals, or why there are none (see the module docstring)."""
     if snapshot.targets == 0:
         where = f" ({snapshot.where})" if snapshot.where else ""
-        return planner.MetricsUnavailable(f"no {role} worker is scraped{where}")
+        return planner.MetricsUnavailable(f"no {role} worker is scraped{where}", "NoTargets")
     if snapshot.missing:
         return planner.MetricsUnavailable(
-            f"{', '.join(snapshot.missing)} not exposed by the {role} workers"
+            f"{', '.join(snapshot.missing)} not exposed by the {role} workers", "MetricsMissing"
         )
     queue = snapshot.engine_waiting + (snapshot.router_queued if role == "decode" else 0.0)
     return planner.RoleMetrics(

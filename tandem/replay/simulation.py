@@ -28,11 +28,11 @@ What is simulated:
   only changes when a sequence joins or finishes), so the cost of a replay grows
   with requests, not with tokens.
 
-Strategies: :class:`Static` pools, :class:`Colocated` pools, an HPA-style
-:class:`Hpa` on GPU busy time, and :class:`Tandem` (the planner of
-:mod:`.autoscaling`, fed every ``interval`` with metrics measured the way
-:mod:`.metrics_source` measures them: latency and queue from warm workers, load
-from every ready one, percentiles over the window). Workers a strategy adds cost GPU-seconds from the moment they are asked
+Strategies (:mod:`.strategies`): static pools, colocated pools, an HPA-style
+autoscaler on GPU busy time, a schedule, and Tandem (the planner of
+:mod:`tandem.autoscaling.planner`, fed every ``interval`` with a
+:class:`~tandem.autoscaling.signals.Snapshot` of the simulated workers made inputs by
+:func:`tandem.autoscaling.signals.role_inputs`, as the operator's are). Workers a strategy adds cost GPU-seconds from the moment they are asked
 for and serve after ``provisioning_delay``; removed workers drain first.
 """
 
@@ -43,458 +43,23 @@ import functools
 import heapq
 import itertools
 import math
-import random
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from tandem import roles
 from tandem.autoscaling import planner as autoscaling
 from tandem.autoscaling import signals
-from tandem.workers.emulator import timing
+from tandem.replay import results, settings, strategies, workloads
 
-__all__ = [
-    "Colocated",
-    "EngineModel",
-    "Hpa",
-    "ReplayConfig",
-    "Request",
-    "RequestOutcome",
-    "Result",
-    "Scheduled",
-    "Static",
-    "Strategy",
-    "Tandem",
-    "Workload",
-    "bursty",
-    "diurnal",
-    "oscillations",
-    "replay",
-    "shifting",
-    "steady",
-]
+__all__ = ["replay"]
 
 WorkerKind = roles.WorkerKind
 
 
-# ---------------------------------------------------------------------------
-# Workloads
-
-
-@dataclass(frozen=True)
-class Request:
-    arrival: float
-    """Seconds from the start of the trace."""
-    prompt_tokens: int
-    output_tokens: int
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A named trace."""
-
-    name: str
-    requests: tuple[Request, ...]
-    duration: float
-    """Seconds the trace spans (arrivals lie in ``[0, duration)``)."""
-    description: str = ""
-
-
-def _lengths(rng: random.Random, mean: float, sigma: float, low: int, high: int) -> int:
-    """A log-normal length with the given mean, clipped to ``[low, high]``."""
-    mu = math.log(mean) - sigma * sigma / 2
-    return max(low, min(high, round(rng.lognormvariate(mu, sigma))))
-
-
-MAX_MODEL_LEN = 8192
-"""Longest prompt plus output a trace holds (``--max-model-len``)."""
-
-
-def _poisson(
-    rng: random.Random,
-    duration: float,
-    rate: Callable[[float], float],
-    peak: float,
-    prompt: Callable[[float], float],
-    output: Callable[[float], float],
-) -> tuple[Request, ...]:
-    """A non-homogeneous Poisson process by thinning; log-normal lengths whose
-    means may depend on time, prompt plus output within ``MAX_MODEL_LEN``."""
-    out: list[Request] = []
-    t = 0.0
-    while True:
-        t += rng.expovariate(peak)
-        if t >= duration:
-            return tuple(out)
-        if rng.random() * peak <= rate(t):
-            o = _lengths(rng, output(t), 0.6, 2, MAX_MODEL_LEN // 2)
-            p = _lengths(rng, prompt(t), 0.6, 16, MAX_MODEL_LEN - o)
-            out.append(Request(t, p, o))
-
-
-def steady(
-    rate: float = 30.0,
-    duration: float = 1800.0,
-    prompt: float = 2000.0,
-    output: float = 250.0,
-    seed: int = 1,
-) -> Workload:
-    """Poisson arrivals at a constant rate; log-normal lengths around the means."""
-    rng = random.Random(seed)
-    requests = _poisson(rng, duration, lambda t: rate, rate, lambda t: prompt, lambda t: output)
-    return Workload(
-        "steady", requests, duration, f"{rate:g} req/s, prompt ~{prompt:g}, output ~{output:g}"
-    )
-
-
-def bursty(
-    base: float = 10.0,
-    peak: float = 40.0,
-    period: float = 900.0,
-    burst: float = 240.0,
-    ramp: float = 60.0,
-    duration: float = 3600.0,
-    prompt: float = 2000.0,
-    output: float = 250.0,
-    seed: int = 2,
-) -> Workload:
-    """``base`` req/s with a burst to ``peak`` lasting ``burst`` seconds every
-    ``period`` (each edge a linear ramp of ``ramp`` seconds)."""
-
-    def rate(t: float) -> float:
-        x = (t % period) - (period - burst) / 2
-        if x < -ramp or x > burst + ramp:
-            return base
-        if x < 0:
-            return base + (peak - base) * (x + ramp) / ramp
-        if x > burst:
-            return base + (peak - base) * (burst + ramp - x) / ramp
-        return peak
-
-    rng = random.Random(seed)
-    requests = _poisson(rng, duration, rate, peak, lambda t: prompt, lambda t: output)
-    desc = f"{base:g}→{peak:g} req/s bursts of {burst:g}s every {period:g}s ({ramp:g}s ramps)"
-    return Workload("bursty", requests, duration, desc)
-
-
-def diurnal(
-    low: float = 5.0,
-    high: float = 40.0,
-    period: float = 3600.0,
-    duration: float = 3600.0,
-    prompt: float = 2000.0,
-    output: float = 250.0,
-    seed: int = 4,
-) -> Workload:
-    """A day compressed into ``period``: the rate follows a cosine from ``low`` up
-    to ``high`` and back."""
-
-    def rate(t: float) -> float:
-        return low + (high - low) * (1 - math.cos(2 * math.pi * t / period)) / 2
-
-    rng = random.Random(seed)
-    requests = _poisson(rng, duration, rate, high, lambda t: prompt, lambda t: output)
-    desc = f"{low:g}→{high:g}→{low:g} req/s over {period:g}s (cosine)"
-    return Workload("diurnal", requests, duration, desc)
-
-
-def shifting(
-    duration: float = 3600.0,
-    prompt_heavy: tuple[float, float, float] = (12.0, 5000.0, 64.0),
-    generation_heavy: tuple[float, float, float] = (24.0, 300.0, 1000.0),
-    transition: float = 300.0,
-    seed: int = 3,
-) -> Workload:
-    """First half prompt-heavy, second half generation-heavy: ``(rate, prompt,
-    output)`` of each, blended linearly over ``transition`` seconds in the middle."""
-
-    def mix(t: float) -> float:
-        return min(1.0, max(0.0, (t - (duration - transition) / 2) / transition))
-
-    def blend(i: int) -> Callable[[float], float]:
-        a, b = prompt_heavy[i], generation_heavy[i]
-        return lambda t: a + (b - a) * mix(t)
-
-    rng = random.Random(seed)
-    peak = max(prompt_heavy[0], generation_heavy[0])
-    requests = _poisson(rng, duration, blend(0), peak, blend(1), blend(2))
-    desc = (
-        f"{prompt_heavy[0]:g} req/s prompt ~{prompt_heavy[1]:g} output ~{prompt_heavy[2]:g}, "
-        f"then {generation_heavy[0]:g} req/s prompt ~{generation_heavy[1]:g} "
-        f"output ~{generation_heavy[2]:g}"
-    )
-    return Workload("shifting", requests, duration, desc)
-
-
-# ---------------------------------------------------------------------------
-# The engine's costs
-
-
-@dataclass(frozen=True)
-class EngineModel:
-    """One worker: its GPU and model (the emulator's roofline) and vLLM's knobs."""
-
-    gpu: timing.GpuSpec = timing.H100
-    shape: timing.ModelShape = timing.LLAMA_3_1_8B
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    """Token budget of a step (vLLM's default on 80 GB GPUs for the API server)."""
-    gpu_memory_utilization: float = 0.9
-    kv_link_bandwidth: float = 25e9
-    """Bytes/s between a prefill and a decode worker."""
-    step_overhead: float = 0.001
-    """Seconds added to every step (scheduling, launches; the calibration on an H100
-    measured 0.5-1 ms at batch 1)."""
-
-    @property
-    def kv_capacity(self) -> int:
-        """Tokens of KV cache one worker holds."""
-        return timing.kv_capacity_tokens(self.shape, self.gpu, self.gpu_memory_utilization)
-
-    def costs(self) -> _Costs:
-        s = self.shape
-        one = timing.step_flops(s, [timing.SeqWork(1, 0)])
-        per_context = timing.step_flops(s, [timing.SeqWork(1, 1)]) - one
-        weights = timing.step_bytes(s, [])
-        kv = timing.step_bytes(s, [timing.SeqWork(1, 0)]) - weights
-        return _Costs(
-            self, one, per_context, weights, kv, self.gpu.effective_flops,
-            self.gpu.effective_bandwidth,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class _Costs:
-    """``timing``'s step cost, linear in (sequences, context) for decode tokens."""
-
-    engine: EngineModel
-    decode_flops: float
-    """FLOPs of one decode token over no context."""
-    context_flops: float
-    """FLOPs each cached token adds to one decode token."""
-    weight_bytes: float
-    kv_bytes: float
-    """Bytes of KV per token held."""
-    flops_rate: float
-    bytes_rate: float
-
-    def step(self, n: int, context: float, chunks: Sequence[tuple[int, int]] = ()) -> float:
-        """Seconds of a step with ``n`` decode tokens over ``context`` cached tokens in
-        all, plus prefill ``chunks`` of ``(new_tokens, cached_before)``."""
-        flops = n * self.decode_flops + self.context_flops * context
-        kv_tokens = context + n
-        for new, cached in chunks:
-            flops += timing.prefill_flops(self.engine.shape, new, cached)
-            kv_tokens += new + cached
-        if n == 0 and not chunks:
-            return 0.0
-        seconds = max(
-            flops / self.flops_rate,
-            (self.weight_bytes + self.kv_bytes * kv_tokens) / self.bytes_rate,
-        )
-        return seconds + self.engine.step_overhead
-
-    def transfer(self, tokens: int) -> float:
-        return timing.kv_transfer_time(self.kv_bytes * tokens, self.engine.kv_link_bandwidth)
-
-
-# ---------------------------------------------------------------------------
-# Strategies
-
-
-@dataclass(frozen=True)
-class Static:
-    """Fixed disaggregated pools."""
-
-    prefill: int
-    decode: int
-    name: str = "static"
-
-
-@dataclass(frozen=True)
-class Colocated:
-    """Fixed aggregated workers: each prefills and decodes."""
-
-    workers: int
-    name: str = "colocated"
-
-
-@dataclass(frozen=True)
-class Hpa:
-    """A utilization-style autoscaler, as a Kubernetes HPA on a GPU-utilization
-    metric (DCGM's ``GPU_UTIL``: the fraction of time a kernel runs) would do:
-    ``desired = ceil(sum(util) / target)`` over ready pods, 10% tolerance,
-    scale-up at once, scale-down to the highest recommendation of 5 minutes."""
-
-    prefill: int
-    decode: int
-    bounds: tuple[autoscaling.RoleBounds, autoscaling.RoleBounds]
-    """(prefill, decode) replica bounds."""
-    target: float = 0.7
-    tolerance: float = 0.1
-    scale_down_stabilization: float = 300.0
-    name: str = "hpa"
-
-
-@dataclass(frozen=True)
-class Tandem:
-    """The planner of :mod:`.autoscaling`, fed from the simulated metrics."""
-
-    prefill: int
-    decode: int
-    spec: autoscaling.PlannerSpec
-    name: str = "tandem"
-
-
-@dataclass(frozen=True)
-class Scheduled:
-    """Pools that follow a schedule known in advance: each change names the sizes
-    that serve from its time on. Workers for a growth are asked for one
-    provisioning delay early; a shrink drains at its time. With a schedule read
-    off the trace in hindsight, the ceiling any autoscaler could reach."""
-
-    prefill: int
-    decode: int
-    changes: tuple[tuple[float, int, int], ...]
-    """``(time, prefill, decode)``, in time order."""
-    name: str = "scheduled"
-
-    @property
-    def start(self) -> tuple[int, int]:
-        """``(prefill, decode)`` at time 0."""
-        return self.prefill, self.decode
-
-
-Strategy = Static | Colocated | Hpa | Tandem | Scheduled
-
-
-@dataclass(frozen=True)
-class ReplayConfig:
-    """How the cluster around the workers behaves."""
-
-    engine: EngineModel = field(default_factory=EngineModel)
-    ttft_slo: float = 0.5
-    tpot_slo: float = 0.025
-    provisioning_delay: float = 60.0
-    """Seconds from asking for a worker to its serving (scheduling, image, weights)."""
-    warmup: float = 120.0
-    """Seconds after a worker is ready before its samples count (autoscalers only):
-    the CRD's default. At least ``window``, so that no signal of a warm worker
-    still holds the time before the workers that just joined served."""
-    interval: float = 15.0
-    """Seconds between autoscaler ticks."""
-    window: float = 60.0
-    """Seconds of history each tick's signals are measured over."""
-    percentile: float = 99.0
-    """Percentile the signals report (what ``slo.percentile`` would be)."""
-    timeline_step: float = 15.0
-    """Seconds between points of the result's timelines."""
-
-
-# ---------------------------------------------------------------------------
-# Results
-
-
-@dataclass(frozen=True)
-class RequestOutcome:
-    request: Request
-    ttft: float
-    tpot: float
-    """Mean seconds per output token after the first (0 for a single token)."""
-    finish: float
-
-
-@dataclass(frozen=True)
-class TimelinePoint:
-    time: float
-    prefill: int
-    """Workers of the role asked for (provisioning, serving or draining)."""
-    decode: int
-    ttft: float | None
-    """The percentile over the last ``timeline_step`` of requests that got a first token."""
-    tpot: float | None
-
-
-@dataclass(frozen=True)
-class Decision:
-    time: float
-    role: autoscaling.Role
-    before: int
-    after: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Result:
-    workload: str
-    strategy: str
-    outcomes: tuple[RequestOutcome, ...]
-    gpu_seconds: float
-    duration: float
-    timeline: tuple[TimelinePoint, ...]
-    decisions: tuple[Decision, ...]
-    ttft_slo: float
-    tpot_slo: float
-
-    def _share(self, ok: Callable[[RequestOutcome], bool]) -> float:
-        return sum(1 for o in self.outcomes if ok(o)) / len(self.outcomes) if self.outcomes else 0.0
-
-    @property
-    def ttft_attainment(self) -> float:
-        return self._share(lambda o: o.ttft <= self.ttft_slo)
-
-    @property
-    def tpot_attainment(self) -> float:
-        return self._share(lambda o: o.tpot <= self.tpot_slo)
-
-    @property
-    def attainment(self) -> float:
-        """Share of requests within both SLOs."""
-        return self._share(lambda o: o.ttft <= self.ttft_slo and o.tpot <= self.tpot_slo)
-
-    @property
-    def goodput(self) -> float:
-        """Requests per second that met both SLOs."""
-        return self.attainment * len(self.outcomes) / self.duration
-
-    @property
-    def mean_gpus(self) -> float:
-        return self.gpu_seconds / self.duration
-
-    def percentile(self, metric: Literal["ttft", "tpot"], q: float) -> float:
-        values = sorted(o.ttft if metric == "ttft" else o.tpot for o in self.outcomes)
-        return _quantile(values, q) if values else math.nan
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    index = min(len(sorted_values) - 1, max(0, math.ceil(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[index]
-
-
-def oscillations(decisions: Iterable[Decision], role: autoscaling.Role, within: float) -> int:
-    """Up-down-up (or down-up-down) reversals of a role's size that happened within
-    ``within`` seconds: the flapping a stabilization window should prevent."""
-    moves = [(d.time, 1 if d.after > d.before else -1) for d in decisions if d.role == role]
-    moves = [m for m in moves if m[1]]
-    changes: list[tuple[float, int]] = []
-    for t, sign in moves:
-        if not changes or changes[-1][1] != sign:
-            changes.append((t, sign))
-    return sum(
-        1
-        for a, _, c in zip(changes, changes[1:], changes[2:], strict=False)
-        if c[0] - a[0] <= within
-    )
-
-
-# ---------------------------------------------------------------------------
-# The simulation
-
-
 @dataclass(eq=False)
 class _Req:
-    request: Request
+    request: workloads.Request
     id: int
     prefilled: int = 0
     arrived_worker: float = 0.0
@@ -616,7 +181,12 @@ def _weighted_quantile(samples: list[tuple[float, float]], q: float) -> float | 
 
 
 class _Sim:
-    def __init__(self, workload: Workload, strategy: Strategy, config: ReplayConfig) -> None:
+    def __init__(
+        self,
+        workload: workloads.Workload,
+        strategy: strategies.Strategy,
+        config: settings.ReplayConfig,
+    ) -> None:
         self.workload = workload
         self.strategy = strategy
         self.config = config
@@ -630,16 +200,13 @@ class _Sim:
         self.router: dict[WorkerKind, deque[_Req]] = {
             "prefill": deque(), "decode": deque(), "aggregated": deque()
         }  # fmt: skip
-        self.outcomes: list[RequestOutcome] = []
-        self.decisions: list[Decision] = []
+        self.outcomes: list[results.RequestOutcome] = []
+        self.decisions: list[results.Decision] = []
         self.worker_ttft = _Samples()
         self.itl = _Samples()
         self.prompt_done = _Samples()
         self.finished = _Samples()
-        self.planner_state = autoscaling.PlannerState()
-        self.hpa_history: dict[autoscaling.Role, list[tuple[float, int]]] = {
-            "prefill": [], "decode": []
-        }  # fmt: skip
+        self.controller = strategy.controller()
 
     # -- plumbing --------------------------------------------------------------
 
@@ -760,7 +327,7 @@ class _Sim:
         r = req.request
         first = req.first_token if req.first_token is not None else self.now
         tpot = (self.now - first) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
-        self.outcomes.append(RequestOutcome(r, first - r.arrival, tpot, self.now))
+        self.outcomes.append(results.RequestOutcome(r, first - r.arrival, tpot, self.now))
         self.finished.add(self.now, w.id, 1.0)
 
     def reap(self, w: _Worker) -> None:
@@ -850,7 +417,7 @@ class _Sim:
     # -- events ----------------------------------------------------------------
 
     def on_arrival(self, req: _Req) -> None:
-        self.dispatch("aggregated" if isinstance(self.strategy, Colocated) else "prefill", req)
+        self.dispatch(self.strategy.arrivals, req)
 
     def on_transferred(self, w: _Worker, req: _Req) -> None:
         w.transferring -= 1
@@ -862,24 +429,17 @@ class _Sim:
         while queued and w.ready(self.now):
             self.dispatch(w.kind, queued.popleft())
 
-    def run(self) -> Result:
+    def run(self) -> results.Result:
         cfg = self.config
-        s = self.strategy
-        if isinstance(s, Colocated):
-            sizes: dict[WorkerKind, int] = {"aggregated": s.workers}
-        else:
-            sizes = {"prefill": s.prefill, "decode": s.decode}
-        for kind, count in sizes.items():
+        for kind, count in self.strategy.sizes().items():
             for _ in range(count):
                 self.workers.append(_Worker(len(self.workers), kind, 0.0, -cfg.warmup))
         for i, r in enumerate(self.workload.requests):
             self.at(r.arrival, functools.partial(self.on_arrival, _Req(r, i)))
-        if isinstance(s, Hpa | Tandem):
-            ticks = int(self.workload.duration // cfg.interval)
-            for k in range(1, ticks + 1):
-                self.at(k * cfg.interval, self.tick)
-        elif isinstance(s, Scheduled):
-            self.schedule(s)
+        self.controller.start(self)
+        ticks = int(self.workload.duration // cfg.interval)
+        for k in range(1, ticks + 1):
+            self.at(k * cfg.interval, functools.partial(self.controller.tick, self))
         budget = 100 * len(self.workload.requests) + 100_000
         while self.events:
             budget -= 1
@@ -889,16 +449,12 @@ class _Sim:
             action()
         return self.result()
 
-    def result(self) -> Result:
+    def result(self) -> results.Result:
         s, cfg, end = self.strategy, self.config, self.workload.duration
         gpu_seconds = 0.0
         for w in self.workers:
             stop = end if w.removed_at is None else min(end, w.removed_at)
-            tp = 1
-            if isinstance(s, Tandem):
-                role: autoscaling.Role = "prefill" if w.kind == "prefill" else "decode"
-                tp = s.spec.bounds(role).tensor_parallel_size
-            gpu_seconds += max(0.0, stop - max(0.0, w.created)) * tp
+            gpu_seconds += max(0.0, stop - max(0.0, w.created)) * s.gpus_per_worker(w.kind)
         outcomes = sorted(self.outcomes, key=lambda o: o.request.arrival)
         firsts = sorted((o.request.arrival + o.ttft, o.ttft) for o in outcomes)
         lasts = sorted((o.finish, o.tpot) for o in outcomes)
@@ -908,7 +464,7 @@ class _Sim:
             lo = bisect.bisect_left(values, (t - step, -math.inf))
             hi = bisect.bisect_right(values, (t, math.inf))
             window = sorted(v for _, v in values[lo:hi])
-            return _quantile(window, cfg.percentile) if window else None
+            return results.quantile(window, cfg.percentile) if window else None
 
         def count(kind: WorkerKind, t: float) -> int:
             return sum(
@@ -921,11 +477,11 @@ class _Sim:
             t = k * step
             p, d = (
                 (0, count("aggregated", t))
-                if isinstance(s, Colocated)
+                if s.arrivals == "aggregated"
                 else (count("prefill", t), count("decode", t))
             )
-            timeline.append(TimelinePoint(t, p, d, recent(firsts, t), recent(lasts, t)))
-        return Result(
+            timeline.append(results.TimelinePoint(t, p, d, recent(firsts, t), recent(lasts, t)))
+        return results.Result(
             workload=self.workload.name,
             strategy=s.name,
             outcomes=tuple(outcomes),
@@ -938,22 +494,6 @@ class _Sim:
         )
 
     # -- autoscalers -----------------------------------------------------------
-
-    def schedule(self, s: Scheduled) -> None:
-        """Ask for each change's growth a provisioning delay ahead, shrink on time."""
-        sizes: dict[autoscaling.Role, int] = {"prefill": s.prefill, "decode": s.decode}
-        for t, prefill, decode in s.changes:
-            moves: tuple[tuple[autoscaling.Role, int], ...] = (
-                ("prefill", prefill),
-                ("decode", decode),
-            )
-            for role, size in moves:
-                if size == sizes[role]:
-                    continue
-                ahead = self.config.provisioning_delay if size > sizes[role] else 0.0
-                when = max(0.0, t - ahead)
-                self.at(when, functools.partial(self.apply, role, size, f"scheduled for {t:g}s"))
-                sizes[role] = size
 
     def role_inputs(self, role: autoscaling.Role) -> autoscaling.RoleInputs:
         """What Prometheus would read over the window (a :class:`~tandem.autoscaling.signals.Snapshot`),
@@ -1005,55 +545,27 @@ class _Sim:
         current = len(self.pool(kind))
         if target == current:
             return
-        self.decisions.append(Decision(self.now, role, current, target, reason))
+        self.decisions.append(results.Decision(self.now, role, current, target, reason))
         for _ in range(target - current):
             self.add_worker(kind, self.config.provisioning_delay)
         for _ in range(current - target):
             self.remove_worker(kind)
 
-    def tick(self) -> None:
-        s = self.strategy
-        if isinstance(s, Tandem):
-            inputs = autoscaling.Inputs(
-                decode=self.role_inputs("decode"), prefill=self.role_inputs("prefill")
-            )
-            plan = autoscaling.decide(s.spec, inputs, self.planner_state, self.now)
-            self.planner_state = plan.state
-            for d in plan.decisions:
-                if d.replicas is not None:
-                    self.apply(d.role, d.replicas, d.reason)
-        elif isinstance(s, Hpa):
-            self.hpa_tick(s, "prefill", s.bounds[0])
-            self.hpa_tick(s, "decode", s.bounds[1])
+    def size(self, role: autoscaling.Role) -> int:
+        return len(self.pool(role))
 
-    def hpa_tick(self, s: Hpa, role: autoscaling.Role, bounds: autoscaling.RoleBounds) -> None:
-        kind: WorkerKind = role
-        pool = self.pool(kind)
-        current = len(pool)
+    def busy_fractions(self, role: autoscaling.Role) -> list[float]:
         start = self.now - self.config.window
-        utils = [
+        return [
             w.busy_in(max(start, w.ready_at), self.now) / (self.now - max(start, w.ready_at))
-            for w in pool if self.now > w.ready_at
+            for w in self.pool(role) if self.now > w.ready_at
         ]  # fmt: skip
-        if not utils:
-            return
-        mean = sum(utils) / len(utils)
-        ratio = mean / s.target
-        desired = current if abs(ratio - 1) <= s.tolerance else math.ceil(sum(utils) / s.target)
-        desired = bounds.clamp(max(desired, 1))
-        window = s.scale_down_stabilization
-        history = [(t, n) for t, n in self.hpa_history[role] if t > self.now - window]
-        history.append((self.now, desired))
-        self.hpa_history[role] = history
-        if desired > current:  # the HPA's default policy: at most double, or +4
-            target = min(desired, max(2 * current, current + 4))
-        else:
-            target = min(current, max(n for _, n in history))
-        self.apply(
-            role, target, f"{role} {current}→{target}: GPU util {mean:.0%} (target {s.target:.0%})"
-        )
 
 
-def replay(workload: Workload, strategy: Strategy, config: ReplayConfig | None = None) -> Result:
+def replay(
+    workload: workloads.Workload,
+    strategy: strategies.Strategy,
+    config: settings.ReplayConfig | None = None,
+) -> results.Result:
     """Run ``workload`` through ``strategy``'s pools; every request's outcome and the cost."""
-    return _Sim(workload, strategy, config or ReplayConfig()).run()
+    return _Sim(workload, strategy, config or settings.ReplayConfig()).run()

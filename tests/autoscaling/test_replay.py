@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from tandem import replay as r
 from tandem.autoscaling import planner as a
-from tandem.replay import simulation as r
 from tandem.workers.emulator import timing
 
 ENGINE = r.EngineModel()

@@ -175,7 +175,7 @@ def test_kubeconfig_with_token_and_inline_ca(tmp_path: Path) -> None:
     assert api.url == "http://127.0.0.1:6443"
     assert api.ssl_context is None
     assert api.headers() == {"Authorization": "Bearer from-file"}
-    with pytest.raises(ValueError, match="no entry"):
+    with pytest.raises(ValueError, match="no context named"):
         discovery.ApiServer.from_kubeconfig(path, context="missing")
 
 
