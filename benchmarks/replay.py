@@ -474,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prefill: every running decode waits for the step that carries a prefill chunk) |",
         "| hpa | a Kubernetes HPA per role on GPU utilization (busy time), target 70%, 10% tolerance, "
         "scale-up at once (at most x2 or +4), scale-down to the highest recommendation of 5 min |",
-        "| tandem-reactive | `operator/autoscaling.py` with the CRD's defaults: stabilization 30 s up / "
+        "| tandem-reactive | `tandem/autoscaling/planner.py` with the CRD's defaults: stabilization 30 s up / "
         "5 min down, steps +2/-1, 4 queued per worker; planner tunables at their defaults (hysteresis band "
         "0.8-1.1; a prefill pool of n workers runs at the utilization Erlang C allows for TTFT at p99, at most "
         "90%; decode KV held to 80% of the usage at which the fitted TPOT line meets the SLO, 80% until "

@@ -16,7 +16,7 @@ COMMITTED = ROOT / "crds" / crd.CRD_FILENAME
 
 def test_committed_crd_matches_the_models() -> None:
     assert COMMITTED.read_text(encoding="utf-8") == crd.render_yaml(), (
-        "crds/ drifted from tandem/operator/api.py: run `tandem crd`"
+        "crds/ drifted from operator/api.py: run `tandem crd`"
     )
 
 

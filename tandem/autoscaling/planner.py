@@ -1,9 +1,9 @@
 """The autoscaling planner: numbers in, a decision per role out.
 
 ``decide(spec, inputs, state, now) -> Plan`` is pure: no I/O, no clock of its own,
-no logging. The operator feeds it from Prometheus (:mod:`.metrics_source`) on a
+no logging. The operator feeds it from Prometheus (:mod:`.prometheus`) on a
 timer and writes ``Plan.prefill`` / ``Plan.decode`` to the worker Deployments and
-to status; the replay simulator (:mod:`.replay`) feeds it simulated metrics on
+to status; the replay simulator (:mod:`tandem.replay`) feeds it simulated metrics on
 virtual time; the tests feed it literals. The planner's memory is
 :class:`PlannerState`, a frozen value it returns with every plan and gets back on
 the next tick.
@@ -16,7 +16,7 @@ How a role's size is chosen, per tick:
    one. Prefill follows TTFT, its queue and its prompt load (tokens/s against a
    per-worker capacity, profiled or learned from windows where TTFT broke), as
    workers needed over warm workers; decode follows TPOT, its queue and KV-cache
-   usage, also as workers needed (:func:`decode_rate`): a decode step's time
+   usage, also as workers needed (:func:`.capacity.decode_rate`): a decode step's time
    grows with the KV it reads, along a line fitted through recent (KV usage,
    TPOT) ticks or profiled, which sets the KV target from the TPOT objective and
    says how much KV a pool of another size would hold. With ``lead``, the
