@@ -46,7 +46,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+import pydantic
 
 from tandem.autoscaling import planner, prometheus
 from tandem.operator import (
@@ -56,6 +58,8 @@ from tandem.operator import (
     controller,
     kinds,
     planning,
+    reconcile,
+    reporting,
     validation,
 )
 
@@ -65,7 +69,6 @@ __all__ = [
     "AutoscalerSettings",
     "Tick",
     "disabled_status",
-    "metrics_reason",
     "restore",
     "status",
 ]
@@ -173,20 +176,15 @@ def restore(status: Mapping[str, Any]) -> planner.PlannerState:
     return planner.PlannerState(prefill=roles["prefill"], decode=roles["decode"])
 
 
-def metrics_reason(why: str) -> str:
-    """A CamelCase condition reason for a :class:`~tandem.autoscaling.planner.MetricsUnavailable` text."""
-    if why.startswith("Prometheus unreachable"):
-        return "PrometheusUnreachable"
-    if why.startswith("Prometheus refused"):
-        return "QueryFailed"
-    if why.startswith("no ") and "scraped" in why:
-        return "NoTargets"
-    if "not exposed" in why:
-        return "MetricsMissing"
-    return "MetricsUnavailable"
+MetricsReason = planner.Cause | Literal["Measured", "AutoscalerDisabled"]
+"""The ``MetricsAvailable`` condition's reasons: why the signals are missing (chosen
+where that was found: :class:`~tandem.autoscaling.planner.MetricsUnavailable`), or
+that they were measured, or that the autoscaler is off."""
 
+_OWN_MAPS = ("observed",)
+"""Status maps the autoscaler alone writes: a key it stops sending is a change."""
 
-_LIMIT_REASONS: Mapping[str, str] = {
+_LIMIT_REASONS: Mapping[planner.Limit, str] = {
     "max": "AtMaxReplicas",
     "min": "AtMinReplicas",
     "step": "StepLimited",
@@ -194,38 +192,46 @@ _LIMIT_REASONS: Mapping[str, str] = {
 }
 
 
-def _condition(
-    type_: str,
+def _metrics_available(
     ok: bool,
-    reason: str,
+    reason: MetricsReason,
     message: str,
     generation: int,
-    previous: Sequence[Mapping[str, Any]],
+    previous: Mapping[str, Any],
     now: str,
-) -> dict[str, Any]:
-    cond: dict[str, Any] = {
-        "type": type_,
-        "status": "True" if ok else "False",
-        "reason": reason,
-        "message": message,
-        "observedGeneration": generation,
-    }
-    old = next((c for c in previous if c.get("type") == type_), None)
-    same = old is not None and old.get("status") == cond["status"]
-    cond["lastTransitionTime"] = (old or {}).get("lastTransitionTime") if same else None
-    cond["lastTransitionTime"] = cond["lastTransitionTime"] or now
-    return cond
+) -> api.Condition:
+    return reporting.condition(
+        "MetricsAvailable", ok, reason, message,
+        generation=generation, previous=previous.get("conditions") or [], now=now,
+    )  # fmt: skip
 
 
-def _kept_decisions(previous: Mapping[str, Any]) -> dict[str, Any]:
+def _kept_decisions(previous: Mapping[str, Any]) -> dict[str, api.ScalingDecision]:
     # Fields this manager stops applying are removed by the API server: the last
     # decisions are sent again with every write.
-    out: dict[str, Any] = {}
+    out: dict[str, api.ScalingDecision] = {}
     for role in ("prefill", "decode"):
         last = (previous.get(role) or {}).get("lastDecision")
-        if last:
-            out[role] = {"lastDecision": dict(last)}
+        if not last:
+            continue
+        try:
+            out[role] = api.ScalingDecision.model_validate(last)
+        except pydantic.ValidationError:
+            continue  # not what this manager writes (the schema would have refused it)
     return out
+
+
+def _status(
+    decisions: Mapping[str, api.ScalingDecision],
+    conditions: list[api.Condition],
+    observed: api.ObservedLatency | None = None,
+) -> dict[str, Any]:
+    # Only what is passed is written (see reporting.dump): a role without a decision
+    # and an empty ``observed`` are left out, not sent as defaults.
+    given: dict[str, Any] = {role: api.RoleStatus(last_decision=d) for role, d in decisions.items()}
+    if observed is not None:
+        given["observed"] = observed
+    return reporting.dump(api.InferencePoolStatus(conditions=conditions, **given))
 
 
 def disabled_status(generation: int, previous: Mapping[str, Any], now: str) -> dict[str, Any]:
@@ -234,20 +240,13 @@ def disabled_status(generation: int, previous: Mapping[str, Any], now: str) -> d
         "the operator runs without --prometheus-url (chart value autoscaling.prometheusUrl): "
         "autoscaling is off and worker replicas stay as they are"
     )
-    conds = previous.get("conditions") or []
-    return {
-        **_kept_decisions(previous),
-        "conditions": [
-            _condition(
-                "MetricsAvailable", False, "AutoscalerDisabled", message, generation, conds, now
-            )
-        ],
-    }
+    available = _metrics_available(False, "AutoscalerDisabled", message, generation, previous, now)
+    return _status(_kept_decisions(previous), [available])
 
 
 def _observed(
     readings: Mapping[planner.Role, prometheus.Reading],
-) -> dict[str, Any]:
+) -> api.ObservedLatency | None:
     def value(role: planner.Role, signal: str) -> float | None:
         reading = readings.get(role)
         if reading is None or isinstance(reading.metrics, planner.MetricsUnavailable):
@@ -260,14 +259,18 @@ def _observed(
         ttft = value("decode", "ttft")
     tpot = value("decode", "tpot")
     queues = [value(r, "queue_depth") for r in readings]
-    out: dict[str, Any] = {}
-    if ttft is not None:
-        out.update(ttft=api.format_duration(ttft), ttftSeconds=round(ttft, 4))
-    if tpot is not None:
-        out.update(tpot=api.format_duration(tpot), tpotSeconds=round(tpot, 4))
+    queue = None
     if queues and all(q is not None for q in queues):
-        out["queueDepth"] = round(sum(q for q in queues if q is not None), 3)
-    return out
+        queue = round(sum(q for q in queues if q is not None), 3)
+    if ttft is None and tpot is None and queue is None:
+        return None
+    return api.ObservedLatency(
+        ttft=None if ttft is None else api.format_duration(ttft),
+        ttft_seconds=None if ttft is None else round(ttft, 4),
+        tpot=None if tpot is None else api.format_duration(tpot),
+        tpot_seconds=None if tpot is None else round(tpot, 4),
+        queue_depth=queue,
+    )
 
 
 def status(
@@ -278,54 +281,40 @@ def status(
     now: str,
 ) -> dict[str, Any]:
     """The fields of ``status`` the autoscaler owns, after a tick."""
-    out = _kept_decisions(previous)
+    decisions = _kept_decisions(previous)
     for d in plan.decisions:
         if d.changed and d.replicas is not None:
-            reason = d.reason.split(": ", 1)[1] if ": " in d.reason else d.reason
-            out[d.role] = {
-                "lastDecision": {
-                    "time": now,
-                    "fromReplicas": d.current,
-                    "toReplicas": d.replicas,
-                    "reason": reason,
-                }
-            }
-    conds = previous.get("conditions") or []
-    missing = [
-        f"{role}: {r.metrics.reason}"
+            why = d.reason.split(": ", 1)[1] if ": " in d.reason else d.reason
+            decisions[d.role] = api.ScalingDecision(
+                time=now, from_replicas=d.current, to_replicas=d.replicas, reason=why
+            )
+    unavailable = [
+        (role, r.metrics)
         for role, r in readings.items()
         if isinstance(r.metrics, planner.MetricsUnavailable)
     ]
-    if missing:
-        first = next(
-            r.metrics.reason
-            for r in readings.values()
-            if isinstance(r.metrics, planner.MetricsUnavailable)
-        )
-        available = _condition(
-            "MetricsAvailable", False, metrics_reason(first),
-            "; ".join(missing) + "; holding the current replicas", generation, conds, now,
+    if unavailable:
+        missing = "; ".join(f"{role}: {m.reason}" for role, m in unavailable)
+        available = _metrics_available(
+            False, unavailable[0][1].cause, f"{missing}; holding the current replicas",
+            generation, previous, now,
         )  # fmt: skip
     else:
         seen = ", ".join(f"{role} {r.warm}/{r.targets} warm" for role, r in readings.items())
-        available = _condition(
-            "MetricsAvailable", True, "Measured", f"workers scraped: {seen}", generation, conds, now
+        available = _metrics_available(
+            True, "Measured", f"workers scraped: {seen}", generation, previous, now
         )
-    limited = [d for d in plan.decisions if d.limited_by is not None]
+    limited = [(d, d.limited_by) for d in plan.decisions if d.limited_by is not None]
     if limited:
-        d = limited[0]
-        assert d.limited_by is not None
-        scaling = _condition(
-            "ScalingLimited", True, _LIMIT_REASONS[d.limited_by],
-            "; ".join(x.reason for x in limited), generation, conds, now,
-        )  # fmt: skip
+        ok, reason = True, _LIMIT_REASONS[limited[0][1]]
+        message = "; ".join(d.reason for d, _ in limited)
     else:
-        scaling = _condition("ScalingLimited", False, "WithinBounds", "", generation, conds, now)
-    out["conditions"] = [available, scaling]
-    observed = _observed(readings)
-    if observed:
-        out["observed"] = observed
-    return out
+        ok, reason, message = False, "WithinBounds", ""
+    scaling = reporting.condition(
+        "ScalingLimited", ok, reason, message,
+        generation=generation, previous=previous.get("conditions") or [], now=now,
+    )  # fmt: skip
+    return _status(decisions, [available, scaling], _observed(readings))
 
 
 def notices(
@@ -356,27 +345,6 @@ def _metrics_notices(
     ):
         return [controller.Notice("Warning", str(now["reason"]), str(now["message"]))]
     return []
-
-
-def _changed(wanted: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
-    for name, value in wanted.items():
-        if name == "conditions":
-            have = {c.get("type"): c for c in current.get("conditions") or []}
-            if any(
-                have.get(c["type"]) is None
-                or any(have[c["type"]].get(k) != v for k, v in c.items())
-                for c in value
-            ):
-                return True
-        elif isinstance(value, Mapping):
-            old = current.get(name)
-            if not isinstance(old, Mapping) or any(old.get(k) != v for k, v in value.items()):
-                return True
-            if name == "observed" and set(old) - set(value):
-                return True
-        elif current.get(name) != value:
-            return True
-    return False
 
 
 # ---------------------------------------------------------------------------
@@ -442,7 +410,10 @@ class Autoscaler:
         if self._source is None:
             wanted = disabled_status(generation, previous, stamp)
             written = await self._write_status(body, wanted, previous, logger)
-            return Tick(status_written=written, done=written or not _changed(wanted, previous))
+            return Tick(
+                status_written=written,
+                done=written or not reporting.changed(wanted, previous, whole=_OWN_MAPS),
+            )
         try:
             pool = validation.parse_pool(body)
         except validation.InvalidPoolError:
@@ -532,18 +503,14 @@ class Autoscaler:
         previous: Mapping[str, Any],
         logger: controller.Logger,
     ) -> bool:
-        if not _changed(wanted, previous):
+        if not reporting.changed(wanted, previous, whole=_OWN_MAPS):
             return False
-        meta = body["metadata"]
-        obj = {
-            "apiVersion": api.API_VERSION,
-            "kind": api.KIND,
-            "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")},
-            "status": dict(wanted),
-        }
         try:
             await self._kube.apply(
-                obj, field_manager=FIELD_MANAGER, force=True, subresource="status"
+                reconcile.status_object(body, wanted),
+                field_manager=FIELD_MANAGER,
+                force=True,
+                subresource="status",
             )
         except client.ApiError as exc:
             logger.warning("Autoscaler: cannot write the status: %s", exc)

@@ -4,7 +4,8 @@ The operator owns the conditions ``Ready``, ``Progressing`` and ``Degraded``,
 ``observedGeneration``, the per-role ``replicas``/``readyReplicas``/
 ``desiredReplicas``/``summary`` and ``endpoint``; it writes them by server-side
 apply, so what the autoscaler writes beside them (its own conditions, the last
-decisions, observed latencies) is left alone.
+decisions, observed latencies) is left alone. Conditions, the body and the
+change check come from :mod:`.reporting`, which the autoscaler uses too.
 
 - **Ready**: the pool can serve: the router and the decode pool (and, in
   ``disaggregated`` mode, the prefill pool) each have a ready replica, unless
@@ -21,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from . import api, reporting
 
 OPERATOR_CONDITIONS = ("Ready", "Progressing", "Degraded")
 Component = Literal["prefill", "decode", "router"]
@@ -109,163 +112,122 @@ class Observation:
     problems: Sequence[Problem] = field(default_factory=tuple)
 
 
-def _condition(
-    type_: str, status: bool, reason: str, message: str, generation: int
-) -> dict[str, Any]:
-    return {
-        "type": type_,
-        "status": "True" if status else "False",
-        "reason": reason,
-        "message": message,
-        "observedGeneration": generation,
-    }
+Verdict = tuple[bool, str, str]
+"""A condition's status (True or False), its CamelCase reason and its message."""
+
+_NOT_READY: Mapping[Component, str] = {
+    "prefill": "PrefillNotReady",
+    "decode": "DecodeNotReady",
+    "router": "RouterNotReady",
+}
 
 
-def _ready(obs: Observation) -> dict[str, Any]:
+def _ready(obs: Observation) -> Verdict:
     needed: list[Component] = ["decode", "router"]
     if obs.mode == "disaggregated":
         needed.insert(0, "prefill")
     waiting = [c for c in needed if not obs.workloads.get(c, Workload()).serving]
     counts = ", ".join(f"{c} {w.summary()}" for c, w in obs.workloads.items())
     if not waiting:
-        return _condition("Ready", True, "Serving", f"ready: {counts}", obs.generation)
-    first = waiting[0]
-    return _condition(
-        "Ready",
+        return True, "Serving", f"ready: {counts}"
+    return (
         False,
-        f"{first.capitalize()}NotReady",
+        _NOT_READY[waiting[0]],
         f"no ready replica yet in: {', '.join(waiting)} ({counts})",
-        obs.generation,
     )
 
 
-def _progressing(obs: Observation) -> dict[str, Any]:
+def _progressing(obs: Observation) -> Verdict:
     for component, w in obs.workloads.items():
         if not w.exists:
-            return _condition(
-                "Progressing", True, "Creating", f"{component} is being created", obs.generation
-            )
+            return True, "Creating", f"{component} is being created"
     for component, w in obs.workloads.items():
         if w.observed_generation < w.generation or w.updated < w.desired:
-            return _condition(
-                "Progressing",
-                True,
-                "RollingOut",
-                f"{component}: {w.updated}/{w.desired} replicas updated",
-                obs.generation,
-            )
+            return True, "RollingOut", f"{component}: {w.updated}/{w.desired} replicas updated"
     for component, w in obs.workloads.items():
         if w.replicas != w.desired:
             reason = "ScalingUp" if w.replicas < w.desired else "ScalingDown"
-            return _condition(
-                "Progressing",
-                True,
-                reason,
-                f"{component}: {w.replicas}→{w.desired} replicas",
-                obs.generation,
-            )
+            return True, reason, f"{component}: {w.replicas}→{w.desired} replicas"
     for component, w in obs.workloads.items():
         if w.ready < w.desired:
-            return _condition(
-                "Progressing",
-                True,
-                "WaitingForReady",
-                f"{component}: {w.ready}/{w.desired} replicas ready",
-                obs.generation,
-            )
-    return _condition(
-        "Progressing", False, "Complete", "every Deployment is at its desired state", obs.generation
-    )
+            return True, "WaitingForReady", f"{component}: {w.ready}/{w.desired} replicas ready"
+    return False, "Complete", "every Deployment is at its desired state"
 
 
-def _degraded(obs: Observation) -> dict[str, Any]:
+def _degraded(obs: Observation) -> Verdict:
     if obs.problems:
-        first = obs.problems[0]
         message = "; ".join(p.message for p in obs.problems)
-        return _condition("Degraded", True, first.reason, message, obs.generation)
+        return True, obs.problems[0].reason, message
     for component, w in obs.workloads.items():
-        if w.failure:
-            reason = w.failure.split(":", 1)[0]
-            return _condition("Degraded", True, reason, f"{component}: {w.failure}", obs.generation)
-    return _condition("Degraded", False, "AsExpected", "", obs.generation)
+        if w.failure is not None:
+            return True, w.failure.reason, f"{component}: {w.failure.message}"
+    return False, "AsExpected", ""
+
+
+def _conditions(
+    verdicts: Mapping[api.ConditionType, Verdict],
+    generation: int,
+    previous: Mapping[str, Any],
+    now: str,
+) -> list[api.Condition]:
+    before = previous.get("conditions") or []
+    return [
+        reporting.condition(
+            type_, ok, reason, message, generation=generation, previous=before, now=now
+        )
+        for type_, (ok, reason, message) in verdicts.items()
+    ]
 
 
 def conditions(
     obs: Observation, previous: Sequence[Mapping[str, Any]], now: str
 ) -> list[dict[str, Any]]:
     """Ready, Progressing and Degraded; ``lastTransitionTime`` moves only when status does."""
-    before = {c.get("type"): c for c in previous}
-    out = []
-    for cond in (_ready(obs), _progressing(obs), _degraded(obs)):
-        old = before.get(cond["type"])
-        if (
-            old is not None
-            and old.get("status") == cond["status"]
-            and old.get("lastTransitionTime")
-        ):
-            cond["lastTransitionTime"] = old["lastTransitionTime"]
-        else:
-            cond["lastTransitionTime"] = now
-        out.append(cond)
-    return out
+    conds: list[dict[str, Any]] = status(obs, {"conditions": previous}, now)["conditions"]
+    return conds
 
 
-def _role(workload: Workload | None) -> dict[str, Any]:
+def _role(workload: Workload | None) -> api.RoleStatus:
     if workload is None:  # the pool does not run this role (aggregated mode)
-        return {"replicas": 0, "readyReplicas": 0, "desiredReplicas": 0, "summary": "-"}
-    return {
-        "replicas": workload.replicas,
-        "readyReplicas": workload.ready,
-        "desiredReplicas": workload.desired,
-        "summary": workload.summary(),
-    }
+        return api.RoleStatus(replicas=0, ready_replicas=0, desired_replicas=0, summary="-")
+    return api.RoleStatus(
+        replicas=workload.replicas,
+        ready_replicas=workload.ready,
+        desired_replicas=workload.desired,
+        summary=workload.summary(),
+    )
 
 
 def status(obs: Observation, previous: Mapping[str, Any], now: str) -> dict[str, Any]:
     """The fields of ``status`` the operator owns."""
-    return {
-        "observedGeneration": obs.generation,
-        "conditions": conditions(obs, previous.get("conditions") or [], now),
-        "prefill": _role(obs.workloads.get("prefill")),
-        "decode": _role(obs.workloads.get("decode")),
-        "endpoint": obs.endpoint,
+    verdicts: dict[api.ConditionType, Verdict] = {
+        "Ready": _ready(obs),
+        "Progressing": _progressing(obs),
+        "Degraded": _degraded(obs),
     }
+    return reporting.dump(
+        api.InferencePoolStatus(
+            observed_generation=obs.generation,
+            conditions=_conditions(verdicts, obs.generation, previous, now),
+            prefill=_role(obs.workloads.get("prefill")),
+            decode=_role(obs.workloads.get("decode")),
+            endpoint=obs.endpoint,
+        )
+    )
 
 
 def invalid_status(
     generation: int, message: str, previous: Mapping[str, Any], now: str
 ) -> dict[str, Any]:
     """Status for a spec the operator cannot read (the children are left as they are)."""
-    conds = [
-        _condition("Ready", False, "InvalidSpec", message, generation),
-        _condition("Progressing", False, "InvalidSpec", message, generation),
-        _condition("Degraded", True, "InvalidSpec", message, generation),
-    ]
-    before = {c.get("type"): c for c in previous.get("conditions") or []}
-    for cond in conds:
-        old = before.get(cond["type"])
-        same = old is not None and old.get("status") == cond["status"]
-        cond["lastTransitionTime"] = (
-            old.get("lastTransitionTime") if same and old else None
-        ) or now
-    return {"observedGeneration": generation, "conditions": conds}
-
-
-def changed(wanted: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
-    """Whether writing ``wanted`` would change ``current`` (other writers' fields aside)."""
-    for name, value in wanted.items():
-        if name == "conditions":
-            have = {c.get("type"): c for c in current.get("conditions") or []}
-            for cond in value:
-                old = have.get(cond["type"])
-                if old is None or any(old.get(k) != v for k, v in cond.items()):
-                    return True
-        elif isinstance(value, Mapping):
-            old_map = current.get(name)
-            if not isinstance(old_map, Mapping) or any(
-                old_map.get(k) != v for k, v in value.items()
-            ):
-                return True
-        elif current.get(name) != value:
-            return True
-    return False
+    verdicts: dict[api.ConditionType, Verdict] = {
+        "Ready": (False, "InvalidSpec", message),
+        "Progressing": (False, "InvalidSpec", message),
+        "Degraded": (True, "InvalidSpec", message),
+    }
+    return reporting.dump(
+        api.InferencePoolStatus(
+            observed_generation=generation,
+            conditions=_conditions(verdicts, generation, previous, now),
+        )
+    )

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import api, applying, client, conditions, kinds, planning, validation
+from . import api, applying, client, conditions, kinds, planning, reporting, validation
 from . import reconcile as decisions
 
 K8sObject = dict[str, Any]
@@ -260,7 +260,7 @@ class Controller:
         report: Report,
         logger: Logger,
     ) -> None:
-        if not conditions.changed(wanted, current):
+        if not reporting.changed(wanted, current):
             return
         try:
             await self._kube.apply(

@@ -31,7 +31,9 @@ def condition(
     else ``now``. ``previous`` are the conditions as stored (any writer's)."""
     status: api.ConditionStatus = "True" if ok else "False"
     old = next((c for c in previous if c.get("type") == type_), None)
-    since = old.get("lastTransitionTime") if old is not None and old.get("status") == status else None
+    since = (
+        old.get("lastTransitionTime") if old is not None and old.get("status") == status else None
+    )
     return api.Condition(
         type=type_,
         status=status,

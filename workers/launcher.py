@@ -47,7 +47,7 @@ from typing import IO
 
 import httpx
 
-from tandem.workers import vllm_args
+from tandem.workers import phases, vllm_args
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,9 @@ class WorkerProcess:
         self._log: IO[bytes] | None = None
         self._started_at = 0.0
         self._stopped = False
+        self._phase = phases.Phase.IMPORTING
+        self._log_read = 0
+        """Bytes of the log already read for :meth:`refresh_phase`."""
 
     def __repr__(self) -> str:
         return f"<WorkerProcess {self.settings.name} {self.settings.role} pid={self.pid}>"
@@ -264,7 +267,38 @@ class WorkerProcess:
                 f"last lines of {self.log_path}:\n{self.log_tail()}"
             )
 
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def phase(self) -> phases.Phase:
+        """The start phase reached, as of the last :meth:`refresh_phase`."""
+        return self._phase
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since :meth:`start`."""
+        return time.monotonic() - self._started_at if self._started_at else 0.0
+
+    def refresh_phase(self) -> phases.Phase:
+        """Read what the worker logged since the last call and advance its phase."""
+        if self._phase is phases.Phase.READY:
+            return self._phase
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_read)
+                chunk = f.read()
+        except FileNotFoundError:
+            return self._phase
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a half-written line waits for the next call
+        self._log_read += len(complete)
+        lines = complete.decode(errors="replace").splitlines()
+        self._phase = phases.phase_of(lines, self._phase)
+        return self._phase
+
     def _log_ready(self) -> None:
+        self._phase = phases.Phase.READY
         elapsed = time.monotonic() - self._started_at
         logger.info("[%s] ready after %.0f s", self.settings.name, elapsed)
 

@@ -287,9 +287,10 @@ class MetricsUnavailable:
     reason: str
     """Why, for people, e.g. "Prometheus unreachable: connection refused"."""
     cause: Cause = field(default="MetricsUnavailable", compare=False)
-    """Why, for programs: chosen where the failure is found, never read back from
-    ``reason``, so rewording a message changes no condition. Left out of ``==``:
-    two values that say the same thing are equal, whoever classified them."""
+    """Why, for programs (the condition's reason): chosen where the failure is found,
+    never read back from ``reason``, so rewording a message changes no condition.
+    ``==`` compares the text only, as before this field existed, so a value written
+    as ``MetricsUnavailable(text)`` still matches a classified one."""
 
 
 @dataclass(frozen=True)

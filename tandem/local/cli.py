@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from tandem.local import demo, planning, processes, scaling, status
+from tandem.local import demo, planning, processes, progress, scaling, status
 from tandem.operator import api, validation
 from tandem.workers import launcher
 
@@ -42,20 +42,19 @@ async def _serve(
     print(f"tandem up: {pool_spec.name} ({pool_spec.spec.mode}, engine {settings.engine}) — starting "
           f"{' and '.join(pool_spec.roles())} workers, logs in {settings.run_dir}/", flush=True)  # fmt: skip
     started = time.monotonic()
-    async with processes.running(pool_spec, settings) as pool, _autoscaling(pool, settings, args):
+    tty = sys.stdout.isatty()
+    shown = progress.Progress(out=lambda text: print(text, flush=True), tty=tty)
+    async with (
+        processes.running(pool_spec, settings, shown) as pool,
+        _autoscaling(pool, settings, args),
+    ):
         served = pool_spec.spec.model.effective_served_name
         print(
             f"ready in {time.monotonic() - started:.0f}s: {pool.url}/v1 (model {served!r})",
             flush=True,
         )
         if not args.no_demo:
-            print(
-                f"demo: a streamed chat completion through the router ({pool_spec.spec.mode}):",
-                flush=True,
-            )
-            await demo.demo(pool.url, served)
-            if pool_spec.spec.mode != "aggregated":
-                print(await demo.kv_evidence(pool), flush=True)
+            await _demo(pool_spec, pool, settings)
         if args.exit_after_demo:
             return 0
         print(f"try: curl -N {pool.url}/v1/completions -H 'Content-Type: application/json' "
@@ -74,6 +73,25 @@ async def _serve(
         print("\nstopping…", flush=True)
     print("stopped", flush=True)
     return 0
+
+
+async def _demo(
+    pool_spec: api.InferencePool, pool: processes.LocalPool, settings: planning.LocalSettings
+) -> None:
+    """Stream the demo through the router; check it against one worker's own answer."""
+    mode, served = pool_spec.spec.mode, pool_spec.spec.model.effective_served_name
+    emulated = settings.engine == "emulator"
+    print(f"demo: a streamed greedy chat completion through the router ({mode}):", flush=True)
+    answer = await demo.demo(pool.url, served)
+    if emulated:
+        print("  (the engine emulator makes up its tokens: the text means nothing)", flush=True)
+    elif pool_spec.spec.model.name.startswith(planning.TINY_MODEL_PREFIX):
+        print("  (the tiny model has random weights: its text is noise by design)", flush=True)
+    if mode != "aggregated":
+        if not emulated:
+            single = await demo.reference(pool.workers["decode"][0].url, served)
+            print(demo.verdict(answer, single), flush=True)
+        print(await demo.kv_evidence(pool, emulated=emulated), flush=True)
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tandem import roles
-from tandem.local import planning
+from tandem.local import planning, progress
 from tandem.operator import api
 from tandem.operator import planning as pool_planning
 from tandem.workers import launcher
@@ -25,14 +25,11 @@ from tandem.workers import launcher
 __all__ = ["LocalPool", "Worker", "build_worker", "running"]
 
 
-class Worker(Protocol):
+class Worker(progress.Watched, Protocol):
     """What local mode needs of a worker process."""
 
     @property
     def url(self) -> str: ...
-
-    @property
-    def pid(self) -> int | None: ...
 
     def start(self) -> None: ...
 
@@ -100,9 +97,12 @@ class LocalPool:
 
 @contextlib.asynccontextmanager
 async def running(
-    pool: api.InferencePool, settings: planning.LocalSettings
+    pool: api.InferencePool,
+    settings: planning.LocalSettings,
+    shown: progress.Progress | None = None,
 ) -> AsyncIterator[LocalPool]:
-    """Start the pool's workers and router; stop and reap everything on exit."""
+    """Start the pool's workers (``shown`` says what each is doing meanwhile) and
+    the router; stop and reap everything on exit."""
     from tandem.router import server
     from tandem.router import settings as router_settings
 
@@ -117,7 +117,10 @@ async def running(
     try:
         for worker in every:
             worker.start()
-        await asyncio.gather(*(w.wait_ready(settings.startup_timeout_s) for w in every))
+        async with progress.shown(shown, every):
+            await asyncio.gather(*(w.wait_ready(settings.startup_timeout_s) for w in every))
+        if shown is not None:
+            shown.finish(every)
         config = router_settings.static_settings(
             pool.spec.model.effective_served_name,
             prefill=[w.url for w in workers.get("prefill", [])],

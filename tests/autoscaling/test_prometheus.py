@@ -65,17 +65,23 @@ def test_healthy_reading() -> None:
 
 
 @pytest.mark.parametrize(
-    ("change", "reason"),
+    ("change", "reason", "cause"),
     [
-        ({"targets": None}, 'no decode worker is scraped (up{pool="p",role="decode"})'),
-        ({"targets": 0}, 'no decode worker is scraped (up{pool="p",role="decode"})'),
-        ({"present vllm:kv_cache_usage_perc": None}, "vllm:kv_cache_usage_perc not exposed by the decode workers"),
+        ({"targets": None}, 'no decode worker is scraped (up{pool="p",role="decode"})', "NoTargets"),
+        ({"targets": 0}, 'no decode worker is scraped (up{pool="p",role="decode"})', "NoTargets"),
+        ({"present vllm:kv_cache_usage_perc": None}, "vllm:kv_cache_usage_perc not exposed by the decode workers", "MetricsMissing"),
         ({"present vllm:num_requests_waiting": None, "present vllm:kv_cache_usage_perc": None},
-         "vllm:num_requests_waiting, vllm:kv_cache_usage_perc not exposed by the decode workers"),
+         "vllm:num_requests_waiting, vllm:kv_cache_usage_perc not exposed by the decode workers",
+         "MetricsMissing"),
     ],
 )  # fmt: skip
-def test_unavailable_not_zeros(change: dict[str, float | None], reason: str) -> None:
-    assert read({**HEALTHY, **change}).metrics == planner.MetricsUnavailable(reason)
+def test_unavailable_not_zeros(
+    change: dict[str, float | None], reason: str, cause: planner.Cause
+) -> None:
+    m = read({**HEALTHY, **change}).metrics
+    assert m == planner.MetricsUnavailable(reason)
+    assert isinstance(m, planner.MetricsUnavailable)
+    assert m.cause == cause
 
 
 @pytest.mark.parametrize("empty", [None, "NaN", "+Inf"])
@@ -87,13 +93,17 @@ def test_an_empty_window_is_no_signal(empty: str | None) -> None:
 
 def test_query_error_is_unavailable() -> None:
     def broken(promql: str) -> list[dict[str, Any]]:
-        raise prometheus.QueryError("Prometheus unreachable at http://x: refused")
+        raise prometheus.QueryError(
+            "Prometheus unreachable at http://x: refused", "PrometheusUnreachable"
+        )
 
     source = prometheus.Source(prometheus.SourceSettings(), query=broken)
     reading = asyncio.run(source.read(SPEC, "p", "prefill", window=60, warmup=120))
     assert reading.metrics == planner.MetricsUnavailable(
         "Prometheus unreachable at http://x: refused"
     )
+    assert isinstance(reading.metrics, planner.MetricsUnavailable)
+    assert reading.metrics.cause == "PrometheusUnreachable"
     plan = planner.decide(
         SPEC, planner.Inputs(decode=reading.inputs(3, 3)), planner.PlannerState(), 0
     )
@@ -105,7 +115,9 @@ def test_an_outage_is_logged_once_and_its_end_too(caplog: pytest.LogCaptureFixtu
 
     def query(promql: str) -> list[dict[str, Any]]:
         if down:
-            raise prometheus.QueryError("Prometheus unreachable at http://x: refused")
+            raise prometheus.QueryError(
+                "Prometheus unreachable at http://x: refused", "PrometheusUnreachable"
+            )
         return fake(HEALTHY)(promql)
 
     source = prometheus.Source(prometheus.SourceSettings(), query=query)
@@ -136,8 +148,9 @@ def test_closed_port_is_unreachable_quickly() -> None:
     )
     with pytest.raises(
         prometheus.QueryError, match=f"Prometheus unreachable at http://127.0.0.1:{port}"
-    ):
+    ) as caught:
         query("up")
+    assert caught.value.cause == "PrometheusUnreachable"
 
 
 def test_prefill_reads_prompt_tokens() -> None:
@@ -172,3 +185,18 @@ def test_the_promql_table_is_current() -> None:
             assert promql.replace("|", "\\|") in doc, (
                 f"{role} {key} is missing from tandem/autoscaling/AUTOSCALING.md"
             )
+
+
+def test_the_cause_of_a_query_error_is_carried_not_parsed() -> None:
+    def refused(promql: str) -> list[dict[str, Any]]:
+        raise prometheus.QueryError("Prometheus unreachable? no: it said 400", "QueryFailed")
+
+    source = prometheus.Source(prometheus.SourceSettings(), query=refused)
+    reading = asyncio.run(source.read(SPEC, "p", "decode", window=60, warmup=120))
+    assert (reading.error, reading.error_reason) == (
+        "Prometheus unreachable? no: it said 400",
+        "QueryFailed",
+    )
+    assert reading.metrics == planner.MetricsUnavailable(reading.error)
+    assert isinstance(reading.metrics, planner.MetricsUnavailable)
+    assert reading.metrics.cause == "QueryFailed"

@@ -115,6 +115,13 @@ def test_tandem_up_with_the_emulator_streams_a_disaggregated_request(tmp_path: P
     evidence = next(x for x in lines if x.startswith("decode workers:"))
     tokens = float(evidence.split()[2])
     assert tokens > 0, evidence
+    assert evidence.endswith("(emulated: no KV moved)"), evidence
+    assert any("emulator makes up its tokens" in x for x in lines)
+    # Not a terminal: one progress line per phase change, no control characters.
+    progress = [x for x in lines if x.lstrip().startswith(("prefill-0", "decode-0"))]
+    assert any(x.split()[3:4] == ["ready"] for x in progress), progress
+    assert any(" started in " in x for x in progress), progress
+    assert not any("\x1b" in x for x in lines)
     assert (tmp_path / "run" / "prefill-0" / "worker.log").exists()
 
 

@@ -31,7 +31,9 @@ T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 HOT = planner.RoleMetrics(ttft=3.0, queue_depth=1)  # tiny.yaml: TTFT objective 2s
 CALM_P = planner.RoleMetrics(ttft=0.2)
 CALM_D = planner.RoleMetrics(tpot=0.05, kv_usage=0.3)
-DOWN = planner.MetricsUnavailable("Prometheus unreachable at http://p:9090: refused")
+DOWN = planner.MetricsUnavailable(
+    "Prometheus unreachable at http://p:9090: refused", "PrometheusUnreachable"
+)
 
 
 class FakeSource:
@@ -63,7 +65,7 @@ def _reading(
 ) -> prometheus.Reading:
     """What Prometheus would answer for one warm worker showing ``m``."""
     if isinstance(m, planner.MetricsUnavailable):
-        return prometheus.Reading(role, None, m.reason)
+        return prometheus.Reading(role, None, m.reason, m.cause)
     snapshot = signals.Snapshot(
         targets=1, warm=1, engine_waiting=m.queue_depth, ttft=m.ttft, tpot=m.tpot,
         kv_usage=m.kv_usage, request_rate=m.request_rate, prompt_token_rate=m.prompt_token_rate,
@@ -300,17 +302,24 @@ async def test_a_restarted_autoscaler_needs_fresh_evidence(
 
 
 @pytest.mark.parametrize(
-    ("why", "reason"),
-    [
-        ("Prometheus unreachable at http://x: refused", "PrometheusUnreachable"),
-        ("Prometheus refused a query: bad", "QueryFailed"),
-        ('no decode worker is scraped (up{pool="p"})', "NoTargets"),
-        ("vllm:kv_cache_usage_perc not exposed by the decode workers", "MetricsMissing"),
-        ("something else", "MetricsUnavailable"),
-    ],
+    "cause", ["PrometheusUnreachable", "QueryFailed", "NoTargets", "MetricsMissing"]
 )
-def test_metrics_reasons(why: str, reason: str) -> None:
-    assert autoscaler.metrics_reason(why) == reason
+def test_the_metrics_reason_is_carried_not_parsed(cause: planner.Cause) -> None:
+    # A message that reads like another cause (or like none) changes nothing.
+    reworded = planner.MetricsUnavailable("Prometheus unreachable, or not exposed?", cause)
+    readings = {"decode": _reading("decode", reworded)}
+    plan = planner.decide(
+        planner.PlannerSpec(),
+        planner.Inputs(decode=readings["decode"].inputs(1, 1)),
+        planner.PlannerState(),
+        0.0,
+    )
+    wanted = autoscaler.status(plan, readings, 3, {}, "2025-01-01T00:00:00Z")
+    available = condition(wanted, "MetricsAvailable")
+    assert (available["status"], available["reason"]) == ("False", cause)
+    assert available["message"] == (
+        "decode: Prometheus unreachable, or not exposed?; holding the current replicas"
+    )
 
 
 class Stopped:

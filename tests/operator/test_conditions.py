@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from tandem.operator import conditions
+from tandem.operator import conditions, reporting
 from tandem.operator.conditions import Observation, Problem, Workload
 
 NOW = "2026-01-02T03:04:05Z"
@@ -110,6 +110,15 @@ def test_a_stuck_rollout_is_degraded() -> None:
     assert "timed out" in c["Degraded"]["message"]
 
 
+def test_a_deployment_failure_carries_its_reason() -> None:
+    stuck = Workload(exists=True, failure=Problem("ReplicaFailure", "quota: exceeded: pods"))
+    c = by_type(conditions.conditions(obs(decode=stuck), [], NOW))
+    assert (c["Degraded"]["reason"], c["Degraded"]["message"]) == (
+        "ReplicaFailure",
+        "decode: quota: exceeded: pods",
+    )
+
+
 def test_transition_time_moves_only_with_status() -> None:
     previous = [
         {"type": "Ready", "status": "True", "lastTransitionTime": EARLIER},
@@ -156,7 +165,7 @@ def test_changed_ignores_other_writers() -> None:
         "decode": {**wanted["decode"], "lastDecision": {"reason": "autoscaler's"}},
         "observed": {"ttft": "120ms"},
     }
-    assert not conditions.changed(wanted, current)
-    assert conditions.changed(wanted, {**current, "observedGeneration": 6})
-    assert conditions.changed(wanted, {**current, "conditions": current["conditions"][1:]})
-    assert conditions.changed(wanted, {})
+    assert not reporting.changed(wanted, current)
+    assert reporting.changed(wanted, {**current, "observedGeneration": 6})
+    assert reporting.changed(wanted, {**current, "conditions": current["conditions"][1:]})
+    assert reporting.changed(wanted, {})

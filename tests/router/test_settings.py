@@ -37,7 +37,7 @@ def test_loads_the_operators_config_unchanged(mode: str, tmp_path: Path) -> None
     assert config.discovery.namespace == "ns"
     assert config.discovery.decode_service.endswith("decode")
     assert (config.discovery.prefill_service is None) == (mode == "aggregated")
-    assert config.pool_label == "served"
+    assert config.pool_label == "p"  # the pool's name, not its served model name
 
 
 def test_static_settings_and_defaults() -> None:
