@@ -26,6 +26,19 @@ def test_tandem_up_streams_a_real_disaggregated_request(
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    # Progress: one line per phase change per worker (stdout is no terminal here).
+    for name in ("prefill-0", "decode-0"):
+        phases = [x.split()[3] for x in lines if x.lstrip().startswith(f"{name} ") and " pid " in x]
+        assert phases[0] == "importing", lines
+        assert "loading" in phases, lines
+        assert phases[-1] == "ready", lines
+        assert any(x.lstrip().startswith(f"{name} started in ") for x in lines), lines
+    assert not any("\x1b" in x for x in lines)
+    # The demo is checked against one worker's own greedy answer, and printed safely.
+    assert any(x.startswith("match: the disaggregated answer") for x in lines), lines
+    assert any("random weights: its text is noise by design" in x for x in lines)
+    assert "\ufffd" not in result.stdout
     evidence = next(x for x in result.stdout.splitlines() if x.startswith("decode workers:"))
     words = evidence.split()
     kv_tokens, nixl_bytes = float(words[2]), float(words[10])

@@ -181,3 +181,19 @@ def test_shared_memory_still_held_elsewhere_is_kept(tmp_path: Path) -> None:
             assert shm.exists()
     finally:
         _cleanup(worker, shm)
+
+
+def test_a_worker_gets_its_own_process_group_in_the_callers_session(tmp_path: Path) -> None:
+    """Separate sessions (autogroups) let one worker starve the other of CPU."""
+    settings = launcher.WorkerSettings(
+        name="w", role="decode", engine=vllm_args.EngineArgs(model="m", served_name="m", port=1),
+        run_dir=tmp_path / "w", command=[sys.executable, "-c", "import time; time.sleep(30)"],
+    )  # fmt: skip
+    worker = launcher.WorkerProcess(settings)
+    worker.start()
+    try:
+        assert worker.pid is not None
+        assert os.getpgid(worker.pid) == worker.pid
+        assert os.getsid(worker.pid) == os.getsid(0)
+    finally:
+        worker.stop_sync()
