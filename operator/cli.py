@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import kopf
 
+from tandem import kubeconfig
+
 from . import api, autoscaler, client, controller, handlers, health, leader, planning
 from .settings import LeaderElectionSettings, OperatorSettings
 
@@ -192,11 +194,9 @@ def _lease_namespace(settings: LeaderElectionSettings, creds: client.Credentials
 async def run(
     settings: OperatorSettings, scaling: autoscaler.AutoscalerSettings | None = None
 ) -> int:
-    from kubernetes.config import ConfigException
-
     try:
         creds = client.load_credentials(settings.kubeconfig, settings.context)
-    except (ConfigException, OSError) as exc:
+    except (kubeconfig.KubeconfigError, KeyError, OSError) as exc:
         logger.error("No Kubernetes credentials: %s", exc)
         return EXIT_USAGE
     kube = client.Kube.connect(creds, timeout=settings.request_timeout)
