@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Build etcd, kube-apiserver and kube-controller-manager from e2e/controlplane/
-# (a Go wrapper module pinning k8s.io/kubernetes) into a cache outside the repo:
+# Build etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
+# kube-proxy, and the node's tiny pause and echo programs (scripts/cluster.sh)
+# from e2e/controlplane/ (a Go wrapper module pinning k8s.io/kubernetes) into a
+# cache outside the repo:
 #
 #   ${TANDEM_CACHE_DIR:-$HOME/.cache/tandem}/controlplane/<k8s-version>/bin/
 #
-# The build runs once: when the three binaries are there and were built from the
+# The build runs once: when the binaries are there and were built from the
 # same go.mod, go.sum, main packages and this script (a stamp holds their hash),
 # the script only prints the folder. The last line on stdout is always the bin folder;
 # progress goes to stderr.
@@ -31,7 +33,7 @@ cache_root="${TANDEM_CACHE_DIR:-$HOME/.cache/tandem}"
 version_dir="$cache_root/controlplane/$k8s_version"
 bin_dir="$version_dir/bin"
 stamp_file="$version_dir/build.stamp"
-binaries=(etcd kube-apiserver kube-controller-manager)
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy pause echo)
 
 source_hash() {
     # This script too: it sets the build flags.
@@ -104,7 +106,7 @@ for name in "${binaries[@]}"; do
     [[ -x "$staging/$name" ]] || die "go build produced no $name"
 done
 
-# Swap the new binaries in only once all three exist.
+# Swap the new binaries in only once all of them exist.
 mkdir -p "$bin_dir"
 for name in "${binaries[@]}"; do
     mv -f "$staging/$name" "$bin_dir/$name"
