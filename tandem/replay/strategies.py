@@ -97,19 +97,25 @@ class _Fixed:
 
 
 @dataclass(frozen=True)
-class Static:
-    """Fixed disaggregated pools."""
+class _TwoPools:
+    """Disaggregated pools of one GPU per worker, ``prefill`` + ``decode`` at time 0."""
 
     prefill: int
     decode: int
-    name: str = "static"
-    arrivals: roles.WorkerKind = "prefill"
 
     def sizes(self) -> dict[roles.WorkerKind, int]:
         return {"prefill": self.prefill, "decode": self.decode}
 
     def gpus_per_worker(self, kind: roles.WorkerKind) -> int:
         return 1
+
+
+@dataclass(frozen=True)
+class Static(_TwoPools):
+    """Fixed disaggregated pools."""
+
+    name: str = "static"
+    arrivals: roles.WorkerKind = "prefill"
 
     def controller(self) -> Controller:
         return _Fixed()
@@ -134,14 +140,12 @@ class Colocated:
 
 
 @dataclass(frozen=True)
-class Hpa:
+class Hpa(_TwoPools):
     """A utilization-style autoscaler, as a Kubernetes HPA on a GPU-utilization
     metric (DCGM's ``GPU_UTIL``: the fraction of time a kernel runs) would do:
     ``desired = ceil(sum(util) / target)`` over ready pods, 10% tolerance,
     scale-up at once, scale-down to the highest recommendation of 5 minutes."""
 
-    prefill: int
-    decode: int
     bounds: tuple[planner.RoleBounds, planner.RoleBounds]
     """(prefill, decode) replica bounds."""
     target: float = 0.7
@@ -149,12 +153,6 @@ class Hpa:
     scale_down_stabilization: float = 300.0
     name: str = "hpa"
     arrivals: roles.WorkerKind = "prefill"
-
-    def sizes(self) -> dict[roles.WorkerKind, int]:
-        return {"prefill": self.prefill, "decode": self.decode}
-
-    def gpus_per_worker(self, kind: roles.WorkerKind) -> int:
-        return 1
 
     def controller(self) -> Controller:
         return _HpaController(self)
@@ -238,14 +236,12 @@ class _TandemController:
 
 
 @dataclass(frozen=True)
-class Scheduled:
+class Scheduled(_TwoPools):
     """Pools that follow a schedule known in advance: each change names the sizes
     that serve from its time on. Workers for a growth are asked for one
     provisioning delay early; a shrink drains at its time. With a schedule read
     off the trace in hindsight, the ceiling any autoscaler could reach."""
 
-    prefill: int
-    decode: int
     changes: tuple[tuple[float, int, int], ...]
     """``(time, prefill, decode)``, in time order."""
     name: str = "scheduled"
@@ -255,12 +251,6 @@ class Scheduled:
     def start(self) -> tuple[int, int]:
         """``(prefill, decode)`` at time 0."""
         return self.prefill, self.decode
-
-    def sizes(self) -> dict[roles.WorkerKind, int]:
-        return {"prefill": self.prefill, "decode": self.decode}
-
-    def gpus_per_worker(self, kind: roles.WorkerKind) -> int:
-        return 1
 
     def controller(self) -> Controller:
         return _ScheduleController(self)
