@@ -6,9 +6,11 @@ before every sleep, while a kopf timer's interval is fixed at registration).
 Each tick:
 
 1. reads the pool's worker Deployments (``spec.replicas``, ``status.readyReplicas``);
-2. reads the signals from Prometheus (:mod:`.prometheus`), which also tells
-   which workers are still warming up (their scrape target is younger than
-   ``warmup``), so no Pod has to be read;
+2. reads the signals from its source: by default the pool's own pods, whose
+   ``/metrics`` it scrapes (:mod:`tandem.autoscaling.embedded`; it finds them in
+   the EndpointSlices of the pool's Services), or Prometheus
+   (:mod:`tandem.autoscaling.prometheus`) when ``--prometheus-url`` is given; both
+   also tell which workers are still warming up, so no Pod has to be read;
 3. calls ``decide(spec, inputs, state, now)`` with the state of the last tick;
 4. writes each changed size by server-side apply of ``{"spec": {"replicas": n}}``
    on the Deployment, field manager ``tandem-autoscaler`` (the manager the
@@ -25,7 +27,7 @@ Each tick:
 ``policy: external`` runs the same tick, but the planner decides nothing and
 nothing is written to a Deployment. Missing metrics (Prometheus down, a metric
 not exposed, no worker scraped) make the planner hold every size; the pool then
-says ``MetricsAvailable=False`` with the reason. Without a Prometheus URL the
+says ``MetricsAvailable=False`` with the reason. With ``--metrics-source=off`` the
 autoscaler is off: each pool says so once (``MetricsAvailable=False``,
 ``AutoscalerDisabled``) and its replicas stay where they are.
 
@@ -50,7 +52,7 @@ from typing import Any, Literal, Protocol
 
 import pydantic
 
-from tandem.autoscaling import planner, prometheus
+from tandem.autoscaling import embedded, planner, prometheus, signals
 from tandem.operator import (
     api,
     applying,
@@ -83,27 +85,81 @@ K8sObject = dict[str, Any]
 Clock = Callable[[], datetime.datetime]
 
 
+MetricsSourceKind = Literal["auto", "prometheus", "embedded", "off"]
+
+
 @dataclass(frozen=True)
 class AutoscalerSettings:
-    """Where the signals come from (``tandem operator --prometheus-url``)."""
+    """Where the signals come from (``tandem operator --metrics-source``)."""
 
     prometheus_url: str | None = None
-    """Base URL of the Prometheus HTTP API; None: the autoscaler is off."""
+    """Base URL of the Prometheus HTTP API."""
     prometheus_timeout: float = 5.0
     """Seconds each query may take."""
+    metrics_source: MetricsSourceKind = "auto"
+    """``auto``: Prometheus when a URL is given, else the embedded source (the
+    operator scrapes the pool's pods itself); ``off``: the autoscaler is off."""
+
+    @property
+    def kind(self) -> Literal["prometheus", "embedded", "off"]:
+        if self.metrics_source == "auto":
+            return "prometheus" if self.prometheus_url else "embedded"
+        return self.metrics_source
 
     @property
     def enabled(self) -> bool:
-        return bool(self.prometheus_url)
+        return self.kind != "off"
 
-    def source(self) -> prometheus.Source | None:
-        if not self.prometheus_url:
-            return None
-        return prometheus.Source(
-            prometheus.SourceSettings(
-                url=self.prometheus_url.rstrip("/"), timeout=self.prometheus_timeout
+    def source(self, kube: Lister | None = None) -> SignalSource | None:
+        """The source to read pools with (``kube`` lists EndpointSlices for the
+        embedded one); None when the autoscaler is off."""
+        if self.kind == "prometheus":
+            if not self.prometheus_url:
+                raise ValueError("the prometheus metrics source needs --prometheus-url")
+            return prometheus.Source(
+                prometheus.SourceSettings(
+                    url=self.prometheus_url.rstrip("/"), timeout=self.prometheus_timeout
+                )
             )
+        if self.kind == "embedded":
+            if kube is None:
+                raise ValueError("the embedded metrics source needs the API client")
+            return embedded.Source(pod_endpoints(kube))
+        return None
+
+
+class Lister(Protocol):
+    """Lists objects by label (:class:`.client.Kube` does)."""
+
+    async def list(
+        self, resource: kinds.Resource, namespace: str | None, *, label_selector: str = ""
+    ) -> list[K8sObject]: ...
+
+
+_PORTS = {"prefill": planning.WORKER_PORT, "decode": planning.WORKER_PORT,
+          "router": planning.ROUTER_PORT}  # fmt: skip
+
+
+def pod_endpoints(kube: Lister) -> embedded.Endpoints:
+    """Where a pool's ready pods are, from the EndpointSlices of its Services (the
+    same objects the router watches; the operator may read them already)."""
+
+    async def endpoints(namespace: str | None, pool: str, component: str) -> list[str]:
+        service = f"{pool}-{component}"
+        slices = await kube.list(
+            kinds.ENDPOINT_SLICES, namespace, label_selector=f"kubernetes.io/service-name={service}"
         )
+        urls = []
+        for item in slices:
+            for endpoint in item.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready") is False:
+                    continue
+                for address in endpoint.get("addresses") or []:
+                    host = f"[{address}]" if ":" in address else address
+                    urls.append(f"http://{host}:{_PORTS[component]}")
+        return urls
+
+    return endpoints
 
 
 class KubeApi(Protocol):
@@ -143,7 +199,7 @@ class SignalSource(Protocol):
         window: float,
         warmup: float,
         namespace: str | None = None,
-    ) -> dict[planner.Role, prometheus.Reading]: ...
+    ) -> dict[planner.Role, signals.Reading]: ...
 
 
 # ---------------------------------------------------------------------------
@@ -235,9 +291,9 @@ def _status(
 
 
 def disabled_status(generation: int, previous: Mapping[str, Any], now: str) -> dict[str, Any]:
-    """What a pool says when the operator runs without Prometheus."""
+    """What a pool says when the operator's autoscaler is off."""
     message = (
-        "the operator runs without --prometheus-url (chart value autoscaling.prometheusUrl): "
+        "the operator runs with --metrics-source=off (chart value autoscaling.metricsSource): "
         "autoscaling is off and worker replicas stay as they are"
     )
     available = _metrics_available(False, "AutoscalerDisabled", message, generation, previous, now)
@@ -245,7 +301,7 @@ def disabled_status(generation: int, previous: Mapping[str, Any], now: str) -> d
 
 
 def _observed(
-    readings: Mapping[planner.Role, prometheus.Reading],
+    readings: Mapping[planner.Role, signals.Reading],
 ) -> api.ObservedLatency | None:
     def value(role: planner.Role, signal: str) -> float | None:
         reading = readings.get(role)
@@ -275,7 +331,7 @@ def _observed(
 
 def status(
     plan: planner.Plan,
-    readings: Mapping[planner.Role, prometheus.Reading],
+    readings: Mapping[planner.Role, signals.Reading],
     generation: int,
     previous: Mapping[str, Any],
     now: str,

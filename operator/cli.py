@@ -64,10 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="drift check of each pool every this many seconds (default: %(default)s)",
     )
     p.add_argument(
+        "--metrics-source",
+        choices=["auto", "prometheus", "embedded", "off"],
+        default="auto",
+        help="where the autoscaler reads the pools' signals: Prometheus, or the pods' own "
+        "/metrics scraped by the operator (embedded); auto: Prometheus when "
+        "--prometheus-url is given, else embedded; off: no autoscaling (default: %(default)s)",
+    )
+    p.add_argument(
         "--prometheus-url",
         metavar="URL",
-        help="Prometheus HTTP API scraping the workers, for the autoscaler "
-        "(default: none, and the autoscaler is off)",
+        help="Prometheus HTTP API scraping the workers, for the autoscaler (default: none)",
     )
     p.add_argument(
         "--prometheus-timeout",
@@ -144,8 +151,12 @@ def autoscaler_settings_from(args: argparse.Namespace) -> autoscaler.AutoscalerS
         raise ValueError("--prometheus-url must be an http:// or https:// URL")
     if args.prometheus_timeout <= 0:
         raise ValueError("--prometheus-timeout must be positive")
+    if args.metrics_source == "prometheus" and url is None:
+        raise ValueError("--metrics-source=prometheus needs --prometheus-url")
     return autoscaler.AutoscalerSettings(
-        prometheus_url=url, prometheus_timeout=args.prometheus_timeout
+        prometheus_url=url,
+        prometheus_timeout=args.prometheus_timeout,
+        metrics_source=args.metrics_source,
     )
 
 
@@ -249,14 +260,16 @@ async def run(
         registry = kopf.OperatorRegistry()
         ctl = controller.Controller(kube, settings.plan)
         scaling = scaling or autoscaler.AutoscalerSettings()
-        if scaling.enabled:
+        if scaling.kind == "prometheus":
             logger.info("Autoscaler on: signals from Prometheus at %s", scaling.prometheus_url)
+        elif scaling.kind == "embedded":
+            logger.info("Autoscaler on: signals scraped from the pools' pods (no Prometheus)")
         else:
             logger.warning(
-                "Autoscaler off: no --prometheus-url; worker replicas stay as they are "
+                "Autoscaler off (--metrics-source=off); worker replicas stay as they are "
                 "(each pool says so in its MetricsAvailable condition)"
             )
-        scaler = autoscaler.Autoscaler(kube, scaling.source())
+        scaler = autoscaler.Autoscaler(kube, scaling.source(kube))
         handlers.register(registry, ctl, settings, creds, scaler)
         kopf_task = asyncio.create_task(
             kopf.operator(

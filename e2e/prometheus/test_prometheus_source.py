@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from e2e.prometheus.conftest import PrometheusServer, Target, free_port
-from tandem.autoscaling import planner, prometheus
+from tandem.autoscaling import planner, prometheus, signals
 
 # vLLM v1's buckets (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -94,14 +94,14 @@ def target(e: Exporter, role: str, pool: str = "p") -> Target:
 
 
 def read(prom: PrometheusServer, role: planner.Role, pool: str = "p", warmup: float = WARMUP,
-         url: str | None = None) -> prometheus.Reading:  # fmt: skip
+         url: str | None = None) -> signals.Reading:  # fmt: skip
     source = prometheus.Source(prometheus.SourceSettings(url=url or prom.url, timeout=2))
     return asyncio.run(source.read(SPEC, pool, role, window=WINDOW, warmup=warmup))
 
 
-def read_until(prom: PrometheusServer, role: planner.Role, ok: Callable[[prometheus.Reading], bool],
+def read_until(prom: PrometheusServer, role: planner.Role, ok: Callable[[signals.Reading], bool],
                feed: Callable[[], None] = lambda: None, timeout: float = 30,
-               warmup: float = WARMUP) -> prometheus.Reading:  # fmt: skip
+               warmup: float = WARMUP) -> signals.Reading:  # fmt: skip
     deadline = time.monotonic() + timeout
     reading = read(prom, role, warmup=warmup)
     while not ok(reading):
@@ -112,7 +112,7 @@ def read_until(prom: PrometheusServer, role: planner.Role, ok: Callable[[prometh
     return reading
 
 
-def metrics(reading: prometheus.Reading) -> planner.RoleMetrics:
+def metrics(reading: signals.Reading) -> planner.RoleMetrics:
     assert isinstance(reading.metrics, planner.RoleMetrics), reading.metrics
     return reading.metrics
 
@@ -133,7 +133,7 @@ def test_signals_of_both_roles(start_prometheus: Start, exporters: Callable[...,
         d1.serve(20, ttft=0.3, itl=0.06)
         d2.serve(20, ttft=0.3, itl=0.06)
 
-    def complete(r: prometheus.Reading) -> bool:
+    def complete(r: signals.Reading) -> bool:
         m = r.metrics
         return r.warm == r.targets > 0 and isinstance(m, planner.RoleMetrics) and m.ttft is not None
 
@@ -293,7 +293,7 @@ def test_emulated_engines(start_prometheus: Start, emulators: Callable[[str], Em
                 f"http://127.0.0.1:{e.port}/v1/completions", json=body, timeout=30
             ).raise_for_status()
 
-    def measured(r: prometheus.Reading) -> bool:
+    def measured(r: signals.Reading) -> bool:
         m = r.metrics
         return r.warm == 1 and isinstance(m, planner.RoleMetrics) and m.ttft is not None
 

@@ -44,7 +44,6 @@ from tandem.autoscaling import planner, signals
 
 __all__ = [
     "QueryError",
-    "Reading",
     "Source",
     "SourceSettings",
     "prometheus_query",
@@ -85,41 +84,6 @@ class SourceSettings:
     """Target label naming a worker's role (``prefill`` or ``decode``)."""
     namespace_label: str = "namespace"
     """Target label naming a worker's namespace; used when a namespace is given."""
-
-
-@dataclass(frozen=True)
-class Reading:
-    """One role's signals and the targets they came from."""
-
-    role: roles.Role
-    snapshot: signals.Snapshot | None
-    """What Prometheus answered; None when it could not be asked."""
-    error: str = ""
-    """Why there is no snapshot, for people."""
-    error_reason: planner.Cause = "MetricsUnavailable"
-    """Why there is no snapshot, for the ``MetricsAvailable`` condition."""
-
-    @property
-    def metrics(self) -> planner.RoleMetrics | planner.MetricsUnavailable:
-        if self.snapshot is None:
-            return planner.MetricsUnavailable(self.error, self.error_reason)
-        return signals.metrics(self.role, self.snapshot)
-
-    @property
-    def targets(self) -> int:
-        """Targets of the role that are up."""
-        return 0 if self.snapshot is None else self.snapshot.targets
-
-    @property
-    def warm(self) -> int:
-        """Of those, the ones up for longer than ``warmup`` (the only sources of signals)."""
-        return 0 if self.snapshot is None else self.snapshot.warm
-
-    def inputs(self, replicas: int, ready: int) -> planner.RoleInputs:
-        """The planner's inputs, given what the Deployment says."""
-        if self.snapshot is None:
-            return planner.RoleInputs(replicas=replicas, ready=ready, metrics=self.metrics)
-        return signals.role_inputs(self.role, self.snapshot, replicas=replicas, ready=ready)
 
 
 def _selector(settings: SourceSettings, pool: str, role: str | None, namespace: str | None) -> str:
@@ -258,7 +222,7 @@ class Source:
         window: float,
         warmup: float,
         namespace: str | None = None,
-    ) -> Reading:
+    ) -> signals.Reading:
         """One role's reading; unavailable (with the reason) rather than zeros."""
         selector = _selector(self.settings, pool, role, namespace)
         router = _selector(self.settings, pool, None, namespace)
@@ -270,7 +234,7 @@ class Source:
             if self._failing.get(key) != str(exc):
                 logger.warning("[%s/%s] %s (logged again only if it changes)", *key, exc)
             self._failing[key] = str(exc)
-            return Reading(role, None, str(exc), exc.cause)
+            return signals.Reading(role, None, str(exc), exc.cause)
         if self._failing.pop(key, None) is not None:
             logger.info("[%s/%s] Prometheus answers again", *key)
 
@@ -290,7 +254,7 @@ class Source:
             prompt_token_rate=value("prompt_token_rate"),
             where=f"up{{{selector}}}",
         )
-        return Reading(role, snapshot)
+        return signals.Reading(role, snapshot)
 
     async def read_pool(
         self,
@@ -301,7 +265,7 @@ class Source:
         window: float,
         warmup: float,
         namespace: str | None = None,
-    ) -> dict[roles.Role, Reading]:
+    ) -> dict[roles.Role, signals.Reading]:
         """Every role's reading, concurrently."""
         readings = await asyncio.gather(
             *(

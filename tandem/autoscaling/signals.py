@@ -31,6 +31,7 @@ from tandem.autoscaling import planner
 
 __all__ = [
     "ROUTER_QUEUED",
+    "Reading",
     "Snapshot",
     "histogram_quantile",
     "metrics",
@@ -76,6 +77,41 @@ class Snapshot:
     """Prompt tokens/s prefilled by every worker read."""
     where: str = ""
     """How the source looked for the workers (e.g. its target selector), for messages."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One role's signals and the targets they came from."""
+
+    role: roles.Role
+    snapshot: Snapshot | None
+    """What the source read; None when it could not read it."""
+    error: str = ""
+    """Why there is no snapshot, for people."""
+    error_reason: planner.Cause = "MetricsUnavailable"
+    """Why there is no snapshot, for the ``MetricsAvailable`` condition."""
+
+    @property
+    def metrics(self) -> planner.RoleMetrics | planner.MetricsUnavailable:
+        if self.snapshot is None:
+            return planner.MetricsUnavailable(self.error, self.error_reason)
+        return metrics(self.role, self.snapshot)
+
+    @property
+    def targets(self) -> int:
+        """Targets of the role that are up."""
+        return 0 if self.snapshot is None else self.snapshot.targets
+
+    @property
+    def warm(self) -> int:
+        """Of those, the ones up for longer than ``warmup`` (the only sources of signals)."""
+        return 0 if self.snapshot is None else self.snapshot.warm
+
+    def inputs(self, replicas: int, ready: int) -> planner.RoleInputs:
+        """The planner's inputs, given what the Deployment says."""
+        if self.snapshot is None:
+            return planner.RoleInputs(replicas=replicas, ready=ready, metrics=self.metrics)
+        return role_inputs(self.role, self.snapshot, replicas=replicas, ready=ready)
 
 
 def required(role: roles.Role) -> tuple[str, ...]:

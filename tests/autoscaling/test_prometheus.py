@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tandem.autoscaling import planner, prometheus
+from tandem.autoscaling import planner, prometheus, signals
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = planner.PlannerSpec(ttft=0.5, tpot=0.05, decode=planner.RoleBounds(1, 8))
@@ -47,9 +47,7 @@ HEALTHY: dict[str, float | str | None] = {
 }  # fmt: skip
 
 
-def read(
-    values: dict[str, float | str | None], role: planner.Role = "decode"
-) -> prometheus.Reading:
+def read(values: dict[str, float | str | None], role: planner.Role = "decode") -> signals.Reading:
     source = prometheus.Source(prometheus.SourceSettings(), query=fake(values))
     return asyncio.run(source.read(SPEC, "p", role, window=60, warmup=120))
 
@@ -122,7 +120,7 @@ def test_an_outage_is_logged_once_and_its_end_too(caplog: pytest.LogCaptureFixtu
 
     source = prometheus.Source(prometheus.SourceSettings(), query=query)
 
-    def tick() -> prometheus.Reading:
+    def tick() -> signals.Reading:
         return asyncio.run(source.read(SPEC, "p", "decode", window=60, warmup=120))
 
     caplog.set_level("INFO", logger=prometheus.__name__)

@@ -55,22 +55,22 @@ class FakeSource:
         window: float,
         warmup: float,
         namespace: str | None = None,
-    ) -> dict[planner.Role, prometheus.Reading]:
+    ) -> dict[planner.Role, signals.Reading]:
         self.calls.append({"pool": pool, "roles": roles, "window": window, "namespace": namespace})
         return {r: _reading(r, self.metrics[r]) for r in roles}
 
 
 def _reading(
     role: planner.Role, m: planner.RoleMetrics | planner.MetricsUnavailable
-) -> prometheus.Reading:
+) -> signals.Reading:
     """What Prometheus would answer for one warm worker showing ``m``."""
     if isinstance(m, planner.MetricsUnavailable):
-        return prometheus.Reading(role, None, m.reason, m.cause)
+        return signals.Reading(role, None, m.reason, m.cause)
     snapshot = signals.Snapshot(
         targets=1, warm=1, engine_waiting=m.queue_depth, ttft=m.ttft, tpot=m.tpot,
         kv_usage=m.kv_usage, request_rate=m.request_rate, prompt_token_rate=m.prompt_token_rate,
     )  # fmt: skip
-    return prometheus.Reading(role, snapshot)
+    return signals.Reading(role, snapshot)
 
 
 class Clock:
@@ -376,13 +376,17 @@ def test_the_daemon_is_registered_with_a_pinned_id() -> None:
 
 def test_cli_prometheus_flags() -> None:
     parser = cli.build_parser()
-    off = cli.autoscaler_settings_from(parser.parse_args([]))
+    default = cli.autoscaler_settings_from(parser.parse_args([]))
+    assert (default.enabled, default.kind) == (True, "embedded")  # on with no Prometheus
+    off = cli.autoscaler_settings_from(parser.parse_args(["--metrics-source=off"]))
     assert (off.enabled, off.source()) == (False, None)
+    with pytest.raises(ValueError, match="needs --prometheus-url"):
+        cli.autoscaler_settings_from(parser.parse_args(["--metrics-source=prometheus"]))
     on = cli.autoscaler_settings_from(
         parser.parse_args(["--prometheus-url=http://prom:9090/", "--prometheus-timeout=2"])
     )
     source = on.source()
-    assert source is not None
+    assert isinstance(source, prometheus.Source)
     assert (source.settings.url, source.settings.timeout) == ("http://prom:9090", 2.0)
     with pytest.raises(ValueError, match="http"):
         cli.autoscaler_settings_from(parser.parse_args(["--prometheus-url=prom:9090"]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tandem.autoscaling import planner, prometheus, signals
+from tandem.autoscaling import planner, signals
 from tandem.operator import api, autoscaler, conditions, reporting
 
 from .test_conditions import obs
@@ -104,7 +104,7 @@ def test_the_operator_writes_its_conditions_through_the_helper() -> None:
 def test_the_autoscaler_writes_its_conditions_through_the_helper() -> None:
     assert _times(autoscaler.disabled_status(3, _previous(), NOW)) == {"MetricsAvailable": EARLIER}
     down = planner.MetricsUnavailable("refused", "PrometheusUnreachable")
-    readings = {"decode": prometheus.Reading("decode", None, down.reason, down.cause)}
+    readings = {"decode": signals.Reading("decode", None, down.reason, down.cause)}
     plan = planner.decide(
         planner.PlannerSpec(),
         planner.Inputs(decode=readings["decode"].inputs(1, 1)),
@@ -121,7 +121,7 @@ def test_the_autoscaler_status_is_what_it_was_before_the_models() -> None:
     last = {"time": EARLIER, "fromReplicas": 1, "toReplicas": 2, "reason": "TTFT"}
     previous = {"decode": {"replicas": 2, "summary": "2/2", "lastDecision": last}}
     snapshot = signals.Snapshot(targets=1, warm=1, tpot=0.05, kv_usage=0.3)
-    readings = {"decode": prometheus.Reading("decode", snapshot)}
+    readings = {"decode": signals.Reading("decode", snapshot)}
     plan = planner.decide(
         planner.PlannerSpec(decode=planner.RoleBounds(1, 4)),
         planner.Inputs(decode=readings["decode"].inputs(2, 2)),
