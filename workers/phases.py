@@ -18,8 +18,11 @@ class Phase(enum.Enum):
     """The phases of a worker's start, in order."""
 
     IMPORTING = "importing"
-    """Python imports vLLM, torch and their kin."""
+    """The API server process imports vLLM, torch and their kin."""
     STARTING_ENGINE = "starting the engine"
+    """The engine-core process starts (vLLM on the CPU spawns it: it imports again)."""
+    STARTING_WORKER = "starting the worker"
+    """The model-worker process starts (spawned too: a third import)."""
     LOADING_MODEL = "loading the model"
     ALLOCATING_KV = "allocating KV cache"
     WARMING_UP = "warming up"
@@ -31,8 +34,9 @@ class Phase(enum.Enum):
 MARKERS: tuple[tuple[str, Phase], ...] = (
     ("non-default args:", Phase.STARTING_ENGINE),
     ("vLLM server version", Phase.STARTING_ENGINE),
-    ("Initializing a V1 LLM engine", Phase.STARTING_ENGINE),
+    ("Initializing a V1 LLM engine", Phase.STARTING_WORKER),
     ("Starting to load model", Phase.LOADING_MODEL),
+    ("Loading weights took", Phase.ALLOCATING_KV),
     ("Model loading took", Phase.ALLOCATING_KV),
     ("Warming up model", Phase.WARMING_UP),
     ("init engine (profile, create kv cache, warmup model) took", Phase.STARTING_SERVER),

@@ -15,7 +15,7 @@ VLLM_START = [
     "INFO 11-30 08:00:01 [api_utils.py:286] non-default args: {'model': '/m'}",
     "INFO 11-30 08:00:03 [core.py:134] Initializing a V1 LLM engine (v0.32.0) with config: ...",
     "INFO 11-30 08:00:04 [gpu_model_runner.py:5040] Starting to load model /m...",
-    "INFO 11-30 08:00:05 [gpu_model_runner.py:5150] Model loading took 0.01 GiB memory and 0.3 seconds",
+    "INFO 11-30 08:00:05 [default_loader.py:501] Loading weights took 0.01 seconds",
     "INFO 11-30 08:00:06 [model_runner.py:13] Warming up model for the compilation...",
     "INFO 11-30 08:00:09 [core.py:403] init engine (profile, create kv cache, warmup model) took 4.1 s",
     "INFO 11-30 08:00:10 [entry.py:140] Starting vLLM server on http://127.0.0.1:8000",
@@ -24,7 +24,8 @@ VLLM_START = [
 
 @pytest.mark.parametrize(
     ("upto", "phase"),
-    [(0, P.IMPORTING), (1, P.STARTING_ENGINE), (3, P.LOADING_MODEL), (4, P.ALLOCATING_KV),
+    [(0, P.IMPORTING), (1, P.STARTING_ENGINE), (2, P.STARTING_WORKER), (3, P.LOADING_MODEL),
+     (4, P.ALLOCATING_KV),
      (5, P.WARMING_UP), (7, P.STARTING_SERVER)],
 )  # fmt: skip
 def test_the_phase_follows_vllms_own_log(upto: int, phase: phases.Phase) -> None:
