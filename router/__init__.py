@@ -13,8 +13,9 @@ Public surface (import the modules, as kopf does):
 Inside, from the pure core out: ``policies`` (``select(features, snapshot)``),
 ``endpoints`` (snapshots, in-flight counts), ``payloads`` (request checks and the two
 hops' bodies), ``tokens``, ``errors`` (one hierarchy, one mapping to OpenAI errors),
-``admission`` (the bounded queue), ``orchestration`` (prefill hop, decode hop,
-retries, fallback), ``transport`` (HTTP/1.1 to the workers), ``discovery``
+``admission`` (the bounded queue), ``migration`` (a stream's token ids and its
+continuation on another decode worker), ``orchestration`` (prefill hop, decode hop,
+retries, fallback, migration), ``transport`` (HTTP/1.1 to the workers), ``discovery``
 (static, EndpointSlice watch, metrics scraping), ``metrics`` (see ``METRICS.md``).
 """
 

@@ -156,6 +156,7 @@ class RouterApp:
                 admission=gate,
                 metrics=meters,
                 clock=self._clock,
+                client=client,
             ),
             counter=tokens.load(config.tokenizer),
             api_keys=config.auth.load_keys(),

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from tandem.router import endpoints
 
-__all__ = ["OUTCOMES", "PATHS", "RouterMetrics", "StateView"]
+__all__ = ["MIGRATIONS", "OUTCOMES", "PATHS", "RouterMetrics", "StateView"]
 
 OUTCOMES = (
     "ok",
@@ -35,6 +35,9 @@ OUTCOMES = (
 
 PATHS = ("disaggregated", "aggregated", "short_prompt", "fallback")
 """Values of ``tandem_router_routed_total{path}``: how a request was served."""
+
+MIGRATIONS = ("ok", "exhausted", "failed")
+"""Values of ``tandem_router_migrations_total{outcome}``."""
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -179,6 +182,16 @@ class RouterMetrics:
             ["pool", "role"],
             registry=r,
         )
+        migrations = Counter(
+            "tandem_router_migrations",
+            "Streams moved to another decode worker after theirs failed mid-stream: ok "
+            "(the continuation started), failed (it could not: no other worker, it "
+            "failed before its first token, or the stream could not be resumed), "
+            "exhausted (the stream broke again with migrationLimit spent).",
+            ["pool", "outcome"],
+            registry=r,
+        )
+        self.migrations = {o: migrations.labels(pool, o) for o in MIGRATIONS}
         self.scrape_errors = Counter(
             "tandem_router_scrape_errors",
             "Failed reads of a worker's /metrics.",

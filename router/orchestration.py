@@ -15,8 +15,11 @@ The two hops, as vLLM's NixlConnector expects them:
 Faults: a prefill that fails or times out is retried on another prefill worker,
 then the decode worker prefills itself (the request without ``kv_transfer_params``).
 A decode that fails before the client got a byte is retried on another decode
-worker; after that, the stream ends with an OpenAI-style error event and
-``[DONE]``. Every wait is bounded by ``settings.timeouts``. Cancelling the task
+worker. One that fails after (connection reset, killed, stalled, an error event
+of its own) moves: the stream goes on on another decode worker from the tokens
+the client already has (``migration``), up to ``settings.migration_limit`` times;
+when it cannot, the stream ends with an OpenAI-style error event and ``[DONE]``.
+Every wait is bounded by ``settings.timeouts``. Cancelling the task
 (the client went away) closes the upstream connection, which makes vLLM abort.
 """
 
@@ -37,6 +40,7 @@ from tandem.router import (
     endpoints,
     errors,
     metrics,
+    migration,
     payloads,
     policies,
     settings,
@@ -73,6 +77,14 @@ class _AttemptError(Exception):
         self.error = error
 
 
+class _BrokenError(Exception):
+    """A stream failed after the client got bytes: move it, or end it with ``error``."""
+
+    def __init__(self, error: errors.RouterError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 @dataclass
 class Orchestrator:
     config: settings.RouterSettings
@@ -85,8 +97,11 @@ class Orchestrator:
     admission: admission.Admission
     metrics: metrics.RouterMetrics
     clock: Callable[[], float] = time.monotonic
+    client: httpx.AsyncClient | None = None
+    """For the rare GET a migration needs (a worker's ``max_model_len``)."""
     _timeouts: dict[str, float | None] = field(default_factory=dict, init=False)
     _warned: set[str] = field(default_factory=set, init=False)
+    _model_len: dict[str, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         t = self.config.timeouts
@@ -107,32 +122,36 @@ class Orchestrator:
         else:
             await self.admission.acquire()
         try:
-            body = await self._prepare(request, request_id)
-            return await self._decode(request, body, respond, request_id, arrival)
+            relay = None
+            if self.config.migration_limit and migration.movable(request):
+                relay = migration.Relay.for_request(request)
+            body = await self._prepare(request, request_id, relay is not None)
+            return await self._decode(request, body, respond, request_id, arrival, relay)
         finally:
             self.admission.release()
 
-    async def _prepare(self, request: payloads.Request, request_id: str) -> bytes:
-        """The body for the decode worker, after the prefill hop when there is one."""
+    async def _prepare(self, request: payloads.Request, request_id: str, ids: bool) -> bytes:
+        """The body for the decode worker, after the prefill hop when there is one
+        (asking for the token ids a migration needs when ``ids``)."""
         mode = self.config.mode
         routed = self.metrics.routed
         if mode == "aggregated":
             routed["aggregated"].inc()
-            return payloads.local_body(request)
+            return payloads.local_body(request, token_ids=ids)
         if mode == "auto" and (request.prompt_tokens or 0) < self.config.auto_threshold_tokens:
             routed["short_prompt"].inc()
-            return payloads.local_body(request)
+            return payloads.local_body(request, token_ids=ids)
         if not len(self.prefill):
             self.metrics.fallbacks["no_prefill_worker"].inc()
             routed["fallback"].inc()
-            return payloads.local_body(request)
+            return payloads.local_body(request, token_ids=ids)
         params, reason = await self._prefill(request, request_id)
         if params is None:
             self.metrics.fallbacks[reason].inc()
             routed["fallback"].inc()
-            return payloads.local_body(request)
+            return payloads.local_body(request, token_ids=ids)
         routed["disaggregated"].inc()
-        return payloads.decode_body(request, params)
+        return payloads.decode_body(request, params, token_ids=ids)
 
     # -- hop 1 ---------------------------------------------------------------
 
@@ -192,10 +211,12 @@ class Orchestrator:
         respond: Responder,
         request_id: str,
         arrival: float,
+        relay: migration.Relay | None,
     ) -> str:
         path = payloads.PATHS[request.api]
         tried: set[str] = set()
         last: errors.RouterError = errors.NoWorkersError("no decode worker is available")
+        broken: errors.RouterError | None = None
         for attempt in range(1 + self.config.retries.decode):
             endpoint = self.policy(
                 request.features, self.decode.snapshot(self.clock(), frozenset(tried))
@@ -210,13 +231,22 @@ class Orchestrator:
             try:
                 target = url + path
                 if request.stream:
-                    return await self._stream(target, body, request_id, url, respond, arrival)
+                    await self._stream(target, body, request_id, url, respond, relay, arrival)
+                    self._finished(arrival)
+                    return "ok"
                 return await self._whole(target, body, request_id, url, respond, arrival)
             except _AttemptError as failed:
                 last = failed.error
+            except _BrokenError as exc:
+                broken = exc.error
+                break
             finally:
                 self.decode.release(url)
-        raise last
+        if broken is None:
+            raise last
+        if relay is None:
+            return await self._break(respond, broken)
+        return await self._migrate(request, relay, respond, request_id, tried, broken, arrival)
 
     async def _whole(
         self,
@@ -253,9 +283,13 @@ class Orchestrator:
         request_id: str,
         url: str,
         respond: Responder,
-        arrival: float,
-    ) -> str:
-        """A streamed answer: retryable until its first body byte, then passed through."""
+        relay: migration.Relay | None,
+        arrival: float | None,
+    ) -> None:
+        """A streamed answer: retryable until its first body byte (raises
+        :class:`_AttemptError`), then passed through, or through ``relay`` when the
+        stream may move (raises :class:`_BrokenError` when it breaks). ``arrival``
+        is None for a continuation: the client's response has started already."""
         timeouts = self.config.timeouts
         clock = self.clock
         reply: transport.Reply | None = None
@@ -280,45 +314,148 @@ class Orchestrator:
                 self.decode.mark_up(url)
                 started = True
                 first = last = clock()
-                self.metrics.ttft.observe(first - arrival)
-                await respond.start(200, [(b"content-type", reply.content_type)])
+                if arrival is not None:
+                    self.metrics.ttft.observe(first - arrival)
+                    await respond.start(200, [(b"content-type", reply.content_type)])
+                ended = relay is None
                 while chunk:
                     events += chunk.count(b"data:")
-                    await respond.body(chunk, True)
+                    if relay is None:
+                        await respond.body(chunk, True)
+                    else:
+                        out, verdict = relay.feed(chunk)
+                        if out:
+                            await respond.body(out, True)
+                        if verdict == "failed":
+                            raise _BrokenError(
+                                self._broke(url, f"the decode worker failed: {relay.failure}")
+                            )
+                        ended = verdict == "done"
                     last = clock()
                     deadline.reschedule(last + timeouts.idle)
                     chunk = await anext(chunks, b"")
+                if not ended:
+                    raise _BrokenError(self._broke(url, "the decode worker ended the stream early"))
                 await respond.body(b"", False)
         except TimeoutError as exc:
             if not started:
                 raise self._failed(url, exc) from exc
-            return await self._break(
-                respond, errors.UpstreamTimeoutError("the decode worker stalled")
-            )
+            logger.warning("decode worker %s stalled a stream", url)
+            raise _BrokenError(errors.UpstreamTimeoutError("the decode worker stalled")) from exc
         except httpx.HTTPError as exc:
-            logger.warning("decode worker %s broke a stream: %s", url, exc)
-            self.metrics.upstream_errors.labels(self.metrics_pool, "decode").inc()
-            return await self._break(
-                respond, errors.UpstreamError(f"the decode worker failed: {exc}")
-            )
+            raise _BrokenError(self._broke(url, f"the decode worker failed: {exc}")) from exc
         finally:
             if reply is not None:
                 await reply.aclose()
-        now = clock()
-        self.metrics.duration.observe(now - arrival)
         # One event per token, less the first and the closing [DONE]: an estimate.
-        if events > 2 and last > first:
+        if arrival is not None and events > 2 and last > first:
             self.metrics.tpot.observe((last - first) / (events - 2))
-        return "ok"
+
+    def _broke(self, url: str, message: str) -> errors.UpstreamError:
+        logger.warning("decode worker %s broke a stream: %s", url, message)
+        self.metrics.upstream_errors.labels(self.metrics_pool, "decode").inc()
+        return errors.UpstreamError(message)
+
+    def _finished(self, arrival: float) -> None:
+        self.metrics.duration.observe(self.clock() - arrival)
+
+    async def _migrate(
+        self,
+        request: payloads.Request,
+        relay: migration.Relay,
+        respond: Responder,
+        request_id: str,
+        tried: set[str],
+        error: errors.RouterError,
+        arrival: float,
+    ) -> str:
+        """Go on with a broken stream on other decode workers (see ``migration``)."""
+        counted = self.metrics.migrations
+        limit = self.config.migration_limit
+        while True:
+            if relay.finished or relay.left() == 0:
+                # The client has every token: only the stream's end is missing.
+                finish = None if relay.finished else "length"
+                await self._send_last(respond, relay.ending(finish))
+                self._finished(arrival)
+                return "ok"
+            if not relay.movable:
+                counted["failed"].inc()
+                return await self._break(respond, error)
+            if relay.hops >= limit:
+                counted["exhausted"].inc()
+                return await self._break(respond, error)
+            endpoint = self.policy(
+                request.features, self.decode.snapshot(self.clock(), frozenset(tried))
+            )
+            if endpoint is None:
+                counted["failed"].inc()
+                return await self._break(respond, error)
+            url = endpoint.url
+            tried.add(url)
+            model_len = None
+            if relay.left() is None:
+                model_len = await self._max_model_len(url)
+                if model_len is None:
+                    counted["failed"].inc()
+                    return await self._break(respond, error)
+            body = relay.continuation(model_len)
+            target = url + payloads.PATHS["completions"]
+            logger.info(
+                "request %s: moving its stream to %s after %d tokens (move %d of %d)",
+                request_id,
+                url,
+                len(relay.generated),
+                relay.hops,
+                limit,
+            )
+            self.decode.acquire(url)
+            try:
+                await self._stream(
+                    target, body, f"{request_id}-m{relay.hops}", url, respond, relay, None
+                )
+                counted["ok"].inc()
+                self._finished(arrival)
+                return "ok"
+            except _AttemptError:
+                counted["failed"].inc()
+            except _BrokenError as exc:
+                counted["ok"].inc()  # it went on, then broke in its turn
+                error = exc.error
+            except errors.UpstreamRejectedError as exc:
+                logger.warning("request %s: the continuation was refused: %s", request_id, exc)
+                counted["failed"].inc()
+                return await self._break(respond, error)
+            finally:
+                self.decode.release(url)
+
+    async def _max_model_len(self, url: str) -> int | None:
+        """The worker's ``max_model_len`` from its ``/v1/models`` (vLLM reports it)."""
+        known = self._model_len.get(url)
+        if known is not None or self.client is None:
+            return known
+        try:
+            reply = await self.client.get(url + "/v1/models", timeout=self.config.timeouts.connect)
+            value = reply.json()["data"][0]["max_model_len"]
+        except (httpx.HTTPError, ValueError, LookupError, TypeError) as exc:
+            logger.warning("no max_model_len from %s: %s", url, exc)
+            return None
+        if not isinstance(value, int):
+            return None
+        self._model_len[url] = value
+        return value
+
+    async def _send_last(self, respond: Responder, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.config.timeouts.idle):
+                await respond.body(data, False)
+        except TimeoutError:
+            pass
 
     async def _break(self, respond: Responder, error: errors.RouterError) -> str:
         """End a started stream with an error event and ``[DONE]`` (bounded: a
         client that stopped reading does not hold us)."""
-        try:
-            async with asyncio.timeout(self.config.timeouts.idle):
-                await respond.body(errors.sse_event(error), False)
-        except TimeoutError:
-            pass
+        await self._send_last(respond, errors.sse_event(error))
         return "broken_stream"
 
     # -- upstream I/O ------------------------------------------------------------

@@ -20,6 +20,7 @@ __all__ = [
     "Api",
     "Request",
     "decode_body",
+    "dumps",
     "kv_transfer_params",
     "local_body",
     "models_body",
@@ -59,7 +60,8 @@ class Request:
     features: policies.Features
 
 
-def _dumps(body: dict[str, Any]) -> bytes:
+def dumps(body: dict[str, Any]) -> bytes:
+    """Compact JSON, UTF-8 as is: what vLLM's own bodies look like."""
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -191,7 +193,7 @@ def prefill_body(request: Request) -> bytes:
     body["max_tokens"] = 1
     if request.api == "chat" or "max_completion_tokens" in body:
         body["max_completion_tokens"] = 1
-    return _dumps(body)
+    return dumps(body)
 
 
 def kv_transfer_params(response: bytes) -> dict[str, Any] | None:
@@ -204,20 +206,29 @@ def kv_transfer_params(response: bytes) -> dict[str, Any] | None:
     return params if isinstance(params, dict) and params else None
 
 
-def decode_body(request: Request, params: dict[str, Any]) -> bytes:
-    """Hop 2: the original request plus the prefill worker's ``kv_transfer_params``."""
-    return _dumps({**request.body, "kv_transfer_params": params})
+_TOKEN_IDS = {"return_token_ids": True}
 
 
-def local_body(request: Request) -> bytes:
+def decode_body(request: Request, params: dict[str, Any], *, token_ids: bool = False) -> bytes:
+    """Hop 2: the original request plus the prefill worker's ``kv_transfer_params``
+    (and ``return_token_ids`` for a stream that may move: see ``migration``)."""
+    return dumps(
+        {**request.body, "kv_transfer_params": params, **(_TOKEN_IDS if token_ids else {})}
+    )
+
+
+def local_body(request: Request, *, token_ids: bool = False) -> bytes:
     """A request the decode worker prefills itself: the client's bytes, less any
     ``kv_transfer_params`` of its own (clients do not get to steer KV transfers)."""
-    if "kv_transfer_params" not in request.body:
+    body = request.body
+    if token_ids and not body.get("return_token_ids"):
+        body = {**body, **_TOKEN_IDS}
+    elif "kv_transfer_params" not in body:
         return request.raw
-    return _dumps({k: v for k, v in request.body.items() if k != "kv_transfer_params"})
+    return dumps({k: v for k, v in body.items() if k != "kv_transfer_params"})
 
 
 def models_body(served_model_name: str, created: int) -> bytes:
     """``GET /v1/models``."""
     model = {"id": served_model_name, "object": "model", "created": created, "owned_by": "tandem"}
-    return _dumps({"object": "list", "data": [model]})
+    return dumps({"object": "list", "data": [model]})

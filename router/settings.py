@@ -173,6 +173,11 @@ class RouterSettings(_Settings):
     tokenizer: str | None = None
     """A ``tokenizer.json`` (or a directory holding one) for exact prompt lengths;
     without it (or without the ``tokenizers`` package) lengths are estimated."""
+    migration_limit: int = Field(default=3, ge=0, le=16)
+    """How many times one streamed request may move to another decode worker when
+    its worker fails after the client got tokens (the stream goes on from what was
+    sent, see ``migration``); 0 turns migration off (the stream ends with an error
+    event)."""
     endpoint_cooldown: float = Field(default=5.0, ge=0)
     """Seconds a worker is avoided after a connection to it failed."""
     max_connections: int = Field(default=1024, ge=1)

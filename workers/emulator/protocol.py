@@ -9,13 +9,21 @@ prompt given as token ids counts its ids, and a chat counts its messages' text
 plus 3 tokens per message and 3 for the assistant's reply header (OpenAI's
 cookbook estimate of chat-template overhead).
 
-Output tokens. Deterministic fake tokens ``"tok<id> "``, the id a function of the
-prompt and the position only, so a prefill worker and the decode worker that
-continues its request produce the same first token, as a real greedy model would.
+Prompt token ids. A text is its UTF-8 bytes in 4-byte pieces, each piece an id
+(mod the vocabulary); a chat is 3 header ids per message, its text's ids, and 3
+ids of the reply header. So ``prompt_token_ids`` has as many ids as the estimate.
+
+Output tokens. Deterministic fake tokens ``"tok<id> "``, each id a function of the
+whole context before it (prompt ids, then the ids generated so far; a CRC-32
+folded one id at a time), as a real greedy model's would be: a prefill worker and
+the decode worker that continues its request produce the same first token, and a
+request whose prompt is another's prompt ids plus its first k output ids goes on
+with that request's output from token k (the router's decode migration relies on it).
 """
 
 from __future__ import annotations
 
+import array
 import json
 import math
 import zlib
@@ -29,9 +37,12 @@ __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "KvTransferParams",
+    "chat_prompt_ids",
     "chat_prompt_tokens",
+    "context_state",
+    "next_token",
+    "text_ids",
     "text_tokens",
-    "token_id",
 ]
 
 BYTES_PER_TOKEN = 4
@@ -151,14 +162,33 @@ def chat_prompt_tokens(messages: Sequence[ChatMessage]) -> int:
     return body + CHAT_REPLY_PRIMING_TOKENS
 
 
-def prompt_seed(payload: object) -> int:
-    """A stable seed for the fake tokens of a prompt (str, ids or chat messages)."""
-    return zlib.crc32(json.dumps(payload, sort_keys=True, default=str).encode("utf-8"))
+def text_ids(text: str, vocab_size: int) -> list[int]:
+    """Fake prompt ids of a text: one per 4 UTF-8 bytes (``text_tokens`` of them)."""
+    data = text.encode("utf-8")
+    data += b"\0" * (-len(data) % BYTES_PER_TOKEN)
+    return [int.from_bytes(data[i : i + 4], "little") % vocab_size for i in range(0, len(data), 4)]
 
 
-def token_id(seed: int, index: int, vocab_size: int) -> int:
-    """The fake token id at ``index`` of the output for a prompt's ``seed``."""
-    return (seed + 7919 * index) % vocab_size
+def chat_prompt_ids(messages: Sequence[ChatMessage], vocab_size: int) -> list[int]:
+    """Fake prompt ids of a chat, ``chat_prompt_tokens`` of them."""
+    ids: list[int] = []
+    for message in messages:
+        header = zlib.crc32(message.role.encode("utf-8"))
+        ids += [(header + i) % vocab_size for i in range(CHAT_TOKENS_PER_MESSAGE)]
+        ids += text_ids(_content_text(message.content), vocab_size)
+    ids += [(vocab_size - 1 - i) % vocab_size for i in range(CHAT_REPLY_PRIMING_TOKENS)]
+    return ids
+
+
+def context_state(ids: Sequence[int], state: int = 0) -> int:
+    """The generation state after ``ids`` (from ``state``): a CRC-32 of the ids."""
+    return zlib.crc32(array.array("I", ids).tobytes(), state)
+
+
+def next_token(state: int, vocab_size: int) -> tuple[int, int]:
+    """The token sampled in ``state`` and the state after it."""
+    token = (state * 2654435761 >> 7) % vocab_size
+    return token, context_state((token,), state)
 
 
 def token_text(token: int) -> str:
@@ -255,9 +285,18 @@ def chat_response(
 
 
 def completion_chunk(
-    *, request_id: str, created: int, model: str, text: str, finish_reason: str | None
+    *,
+    request_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    token_ids: Sequence[int] | None = None,
+    prompt_token_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """One streamed completion event; ``token_ids`` (and ``prompt_token_ids`` on the
+    first event) when the request asked for ``return_token_ids``."""
+    chunk: dict[str, Any] = {
         "id": request_id,
         "object": "text_completion",
         "created": created,
@@ -272,6 +311,12 @@ def completion_chunk(
             }
         ],
     }
+    if token_ids is not None:
+        chunk["choices"][0]["prompt_token_ids"] = (
+            None if prompt_token_ids is None else list(prompt_token_ids)
+        )
+        chunk["choices"][0]["token_ids"] = list(token_ids)
+    return chunk
 
 
 def chat_chunk(
@@ -281,7 +326,9 @@ def chat_chunk(
     model: str,
     delta: Mapping[str, Any],
     finish_reason: str | None,
+    token_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
+    """One streamed chat event; ``token_ids`` when the request asked for them."""
     choice: dict[str, Any] = {
         "index": 0,
         "delta": dict(delta),
@@ -290,6 +337,8 @@ def chat_chunk(
     }
     if finish_reason is not None:
         choice["stop_reason"] = None
+    if token_ids is not None:
+        choice["token_ids"] = list(token_ids)
     return {
         "id": request_id,
         "object": "chat.completion.chunk",

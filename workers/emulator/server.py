@@ -139,9 +139,12 @@ class _Job:
     engine_id: str
     prompt_tokens: int
     max_tokens: int
-    seed: int
+    state: int
+    """The generation state after the prompt and ``generated`` (``protocol.next_token``)."""
+    prompt_ids: list[int]
     remote_decode: bool
     stream: engine.RequestStream
+    generated: list[int] = field(default_factory=list)
 
 
 class _Service:
@@ -191,16 +194,17 @@ class _Service:
     async def completions(self, request: Request) -> Response:
         body = await _parse(request, protocol.CompletionRequest)
         self._check(body)
-        prompt_tokens, prompt_ids = self._completion_prompt(body.prompt)
+        prompt_ids = self._completion_prompt(body.prompt, self._vocab)
+        prompt_tokens = len(prompt_ids)
         max_tokens = (
             body.max_tokens if body.max_tokens is not None else self.settings.default_max_tokens
         )
-        job = self._submit(
-            request, "cmpl", prompt_tokens, max_tokens, body.kv_transfer_params, seed_of=body.prompt
-        )
+        job = self._submit(request, "cmpl", prompt_ids, max_tokens, body.kv_transfer_params)
         include_usage, continuous = self._usage_options(body)
         if body.stream:
-            return _EventStream(self._completion_events(job, include_usage, continuous))
+            return _EventStream(
+                self._completion_events(job, include_usage, continuous, body.return_token_ids)
+            )
         tokens = await self._collect(request, job)
         ids = [self._token(job, t.index) for t in tokens]
         return JSONResponse(
@@ -221,21 +225,23 @@ class _Service:
     async def chat(self, request: Request) -> Response:
         body = await _parse(request, protocol.ChatCompletionRequest)
         self._check(body)
-        prompt_tokens = protocol.chat_prompt_tokens(body.messages)
+        prompt_ids = protocol.chat_prompt_ids(body.messages, self._vocab)
+        prompt_tokens = len(prompt_ids)
         max_tokens = (
             body.max_completion_tokens or body.max_tokens or self.settings.default_max_tokens
         )
         job = self._submit(
             request,
             "chatcmpl",
-            prompt_tokens,
+            prompt_ids,
             max_tokens,
             body.kv_transfer_params,
-            seed_of=[m.model_dump() for m in body.messages],
         )
         include_usage, continuous = self._usage_options(body)
         if body.stream:
-            return _EventStream(self._chat_events(job, include_usage, continuous))
+            return _EventStream(
+                self._chat_events(job, include_usage, continuous, body.return_token_ids)
+            )
         tokens = await self._collect(request, job)
         ids = [self._token(job, t.index) for t in tokens]
         return JSONResponse(
@@ -262,20 +268,19 @@ class _Service:
 
     @staticmethod
     def _completion_prompt(
-        prompt: str | list[int] | list[str] | list[list[int]],
-    ) -> tuple[int, list[int] | None]:
+        prompt: str | list[int] | list[str] | list[list[int]], vocab_size: int
+    ) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
-            tokens, ids = protocol.text_tokens(prompt), None
+            ids = protocol.text_ids(prompt, vocab_size)
         elif all(isinstance(t, int) for t in prompt):
             ids = [t for t in prompt if isinstance(t, int)]
-            tokens = len(ids)
         else:
             raise protocol.ApiError(400, "The emulator serves one prompt per request.", "prompt")
-        if tokens == 0:
+        if not ids:
             raise protocol.ApiError(400, "The prompt cannot be empty.", "prompt")
-        return tokens, ids
+        return ids
 
     @staticmethod
     def _usage_options(
@@ -292,12 +297,11 @@ class _Service:
         self,
         request: Request,
         prefix: str,
-        prompt_tokens: int,
+        prompt_ids: list[int],
         max_tokens: int,
         raw_kv_params: Mapping[str, Any] | None,
-        *,
-        seed_of: object,
     ) -> _Job:
+        prompt_tokens = len(prompt_ids)
         limit = self.settings.max_model_len
         if prompt_tokens >= limit:
             raise protocol.ApiError(
@@ -331,7 +335,8 @@ class _Service:
             engine_id=engine_id,
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
-            seed=protocol.prompt_seed(seed_of),
+            state=protocol.context_state(prompt_ids),
+            prompt_ids=prompt_ids,
             remote_decode=remote_decode,
             stream=stream,
         )
@@ -376,8 +381,16 @@ class _Service:
             "tp_size": 1,
         }
 
+    @property
+    def _vocab(self) -> int:
+        return self.settings.scheduler.shape.vocab_size
+
     def _token(self, job: _Job, index: int) -> int:
-        return protocol.token_id(job.seed, index, self.settings.scheduler.shape.vocab_size)
+        """The output token at ``index`` (tokens are generated in order)."""
+        while len(job.generated) <= index:
+            token, job.state = protocol.next_token(job.state, self._vocab)
+            job.generated.append(token)
+        return job.generated[index]
 
     async def _collect(self, request: Request, job: _Job) -> list[scheduling.TokenEvent]:
         """All tokens of a non-streamed request; aborts it if the client goes away."""
@@ -401,7 +414,7 @@ class _Service:
             job.stream.abort()
 
     async def _completion_events(
-        self, job: _Job, include_usage: bool, continuous: bool
+        self, job: _Job, include_usage: bool, continuous: bool, token_ids: bool
     ) -> AsyncGenerator[bytes]:
         model = self.settings.model_name
         created = int(time.time())
@@ -409,12 +422,15 @@ class _Service:
         try:
             async for token in job.stream:
                 n += 1
+                sampled = self._token(job, token.index)
                 chunk = protocol.completion_chunk(
                     request_id=job.response_id,
                     created=created,
                     model=model,
-                    text=protocol.token_text(self._token(job, token.index)),
+                    text=protocol.token_text(sampled),
                     finish_reason=token.finish_reason,
+                    token_ids=[sampled] if token_ids else None,
+                    prompt_token_ids=job.prompt_ids if n == 1 else None,
                 )
                 if continuous:
                     chunk["usage"] = protocol.usage(job.prompt_tokens, n)
@@ -437,30 +453,39 @@ class _Service:
             job.stream.abort()
 
     async def _chat_events(
-        self, job: _Job, include_usage: bool, continuous: bool
+        self, job: _Job, include_usage: bool, continuous: bool, token_ids: bool
     ) -> AsyncGenerator[bytes]:
         model = self.settings.model_name
         created = int(time.time())
         n = 0
 
-        def chunk(delta: Mapping[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        def chunk(
+            delta: Mapping[str, Any], finish_reason: str | None, ids: list[int] | None = None
+        ) -> dict[str, Any]:
             payload = protocol.chat_chunk(
                 request_id=job.response_id,
                 created=created,
                 model=model,
                 delta=delta,
                 finish_reason=finish_reason,
+                token_ids=ids,
             )
             if continuous:
                 payload["usage"] = protocol.usage(job.prompt_tokens, n)
             return payload
 
         try:
-            yield protocol.sse(chunk({"role": "assistant", "content": ""}, None))
+            first = chunk({"role": "assistant", "content": ""}, None)
+            if token_ids:  # vLLM sends the prompt's ids with the first event
+                first["prompt_token_ids"] = job.prompt_ids
+            yield protocol.sse(first)
             async for token in job.stream:
                 n += 1
-                text = protocol.token_text(self._token(job, token.index))
-                yield protocol.sse(chunk({"content": text}, token.finish_reason))
+                sampled = self._token(job, token.index)
+                ids = [sampled] if token_ids else None
+                yield protocol.sse(
+                    chunk({"content": protocol.token_text(sampled)}, token.finish_reason, ids)
+                )
             if include_usage:
                 yield protocol.sse(
                     protocol.usage_chunk(
