@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from tandem.local import demo, planning, processes, progress, scaling, status
+from tandem.local import demo, planning, processes, progress, scaling, status, supervision
 from tandem.operator import api, validation
 from tandem.workers import launcher
 
@@ -46,6 +46,7 @@ async def _serve(
     shown = progress.Progress(out=lambda text: print(text, flush=True), tty=tty)
     async with (
         processes.running(pool_spec, settings, shown) as pool,
+        _supervised(pool, settings),
         _autoscaling(pool, settings, args),
     ):
         served = pool_spec.spec.model.effective_served_name
@@ -92,6 +93,29 @@ async def _demo(
             single = await demo.reference(pool.workers["decode"][0].url, served)
             print(demo.verdict(answer, single), flush=True)
         print(await demo.kv_evidence(pool, emulated=emulated), flush=True)
+
+
+@contextlib.asynccontextmanager
+async def _supervised(
+    pool: processes.LocalPool, settings: planning.LocalSettings
+) -> AsyncIterator[None]:
+    """A worker that dies is restarted, as a kubelet would (tandem.local.supervision)."""
+    if pool.spawn is None:
+        yield
+        return
+    tty = sys.stdout.isatty()
+
+    def out(line: str) -> None:
+        print(("\r\x1b[K" if tty else "") + line, flush=True)
+
+    supervisor = supervision.Supervisor(pool, out, startup_timeout_s=settings.startup_timeout_s)
+    done = asyncio.Event()
+    task = asyncio.create_task(supervisor.run(done), name="supervise")
+    try:
+        yield
+    finally:
+        done.set()
+        await task
 
 
 @contextlib.asynccontextmanager
