@@ -50,7 +50,12 @@ RoutingPolicy = Literal["round-robin", "least-load", "prefix-aware"]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 KvConnector = Literal["NixlConnector"]
 KvBufferDevice = Literal["cuda", "cpu"]
-ConditionType = Literal["Ready", "Progressing", "Degraded", "ScalingLimited", "MetricsAvailable"]
+ModelSourceKind = Literal["huggingFace", "pvc", "hostPath", "image", "tiny"]
+TINY_MODEL_PREFIX = "tandem/tiny"
+"""A model name starting with this selects Tandem's tiny random-weight test model."""
+ConditionType = Literal[
+    "Ready", "Progressing", "Degraded", "ScalingLimited", "MetricsAvailable", "SLOAttained"
+]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 # ---------------------------------------------------------------------------
@@ -168,14 +173,62 @@ def _desc(text: str, **kwargs: Any) -> Any:
 # Spec
 
 
+class SecretKeyRef(_Model):
+    """One key of a Secret in the pool's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+    key: str = Field(default="token", min_length=1, max_length=253, description="Key in it.")
+
+
+class HuggingFaceSpec(_Model):
+    """How workers download weights from the Hugging Face Hub."""
+
+    token_secret: SecretKeyRef | None = Field(
+        default=None,
+        description="A Secret key holding a Hugging Face access token (gated or private "
+        "models); the workers get it as HF_TOKEN.",
+    )
+    cache_claim: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="A PersistentVolumeClaim for the download cache (HF_HOME), so a new pod "
+        "finds the weights already there (ReadWriteMany when workers span nodes). Default: "
+        "an emptyDir, so every new pod downloads the model again.",
+    )
+
+
 class ModelSpec(_Model):
-    """Which model the workers serve."""
+    """Which model the workers serve, and where its weights come from: one source of
+    the Hugging Face Hub (the default: vLLM downloads `name`), a PersistentVolumeClaim
+    (`pvc`), a node directory (`hostPath`), a path inside the engine image (`path`
+    alone), or Tandem's tiny test model (a `name` starting with `tandem/tiny`)."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!(has(self.pvc) && has(self.hostPath))",
+            message="model.pvc and model.hostPath are exclusive: the weights come from one volume",
+            check=lambda m: not (m.pvc and m.host_path),
+        ),
+        Rule(
+            cel="!has(self.huggingFace) || !(has(self.pvc) || has(self.hostPath) || "
+            f"has(self.path) || self.name.startsWith('{TINY_MODEL_PREFIX}'))",
+            message="model.huggingFace applies only to weights downloaded from the hub: "
+            "not with pvc, hostPath, path or a tandem/tiny model",
+            check=lambda m: m.hugging_face is None or m.source_kind == "huggingFace",
+        ),
+    )
 
     name: str = Field(
         min_length=1,
         max_length=256,
-        description="Model id, e.g. meta-llama/Llama-3.1-8B-Instruct. Used as the weights "
-        "location unless `path` is set, and as the served name unless `servedName` is set.",
+        description="Model id, e.g. meta-llama/Llama-3.1-8B-Instruct: what vLLM downloads from "
+        "the Hugging Face Hub unless `pvc`, `hostPath` or `path` say where the weights are, "
+        "and the served name unless `servedName` is set. A name starting with `tandem/tiny` "
+        "(e.g. tandem/tiny-llama) selects Tandem's tiny random-weight test model: nothing is "
+        "downloaded; on a cluster a `tiny-model` init container of the engine image builds it "
+        "into an emptyDir at /models/tiny (the image must hold the tandem package, as "
+        "ghcr.io/tandem-dev/tandem-vllm-cpu does), and `tandem up` builds it locally.",
     )
     served_name: str | None = Field(
         default=None,
@@ -188,8 +241,9 @@ class ModelSpec(_Model):
         default=None,
         min_length=1,
         max_length=1024,
-        description="Where the weights are inside the worker container (for example on a "
-        "mounted volume). When set, vLLM loads from here instead of resolving `name`.",
+        description="Where the weights are inside the worker container: a directory baked "
+        "into the engine image, or one inside the `pvc` or `hostPath` volume (mounted at "
+        "/models). When set, vLLM loads from here instead of resolving `name`.",
     )
     pvc: str | None = Field(
         default=None,
@@ -197,6 +251,20 @@ class ModelSpec(_Model):
         max_length=253,
         description="Name of a PersistentVolumeClaim holding the weights, mounted read-only "
         "at /models in every worker. `path` defaults to /models when this is set.",
+    )
+    host_path: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        pattern="^/",
+        description="A directory holding the weights on every node that runs a worker, "
+        "mounted read-only at /models (`path` defaults to /models). For single-node and test "
+        "clusters; elsewhere prefer `pvc`.",
+    )
+    hugging_face: HuggingFaceSpec | None = Field(
+        default=None,
+        description="Download options (token, cache volume) for weights from the Hugging Face "
+        "Hub, the source when no other is given.",
     )
     max_model_len: int | None = Field(
         default=None,
@@ -214,7 +282,20 @@ class ModelSpec(_Model):
     def effective_path(self) -> str:
         if self.path:
             return self.path
-        return "/models" if self.pvc else self.name
+        return "/models" if self.pvc or self.host_path else self.name
+
+    @property
+    def source_kind(self) -> ModelSourceKind:
+        """Where the weights come from (the first that applies)."""
+        if self.pvc:
+            return "pvc"
+        if self.host_path:
+            return "hostPath"
+        if self.path:
+            return "image"
+        if self.name.startswith(TINY_MODEL_PREFIX):
+            return "tiny"
+        return "huggingFace"
 
 
 class EnvVar(_Model):
@@ -230,7 +311,11 @@ class EngineSpec(_Model):
     image: str = Field(
         default="vllm/vllm-openai:v0.32.0",
         min_length=1,
-        description="Container image of the vLLM OpenAI server.",
+        description="Container image of the vLLM OpenAI server (run as `python3 -m "
+        "vllm.entrypoints.openai.api_server`, non-root, on a read-only root filesystem). "
+        "CPU pools need a CPU build of vLLM with NIXL, such as "
+        "ghcr.io/tandem-dev/tandem-vllm-cpu (not published: build it with "
+        "scripts/build-images.sh vllm-cpu), which examples/tiny.yaml names.",
     )
     extra_args: list[str] = Field(
         default_factory=list,
@@ -249,7 +334,8 @@ class EngineSpec(_Model):
     kv_buffer_device: KvBufferDevice = Field(
         default="cuda",
         description="Where the connector stages KV blocks: `cuda` on GPU nodes, `cpu` for "
-        "CPU-only workers.",
+        "CPU-only workers. `cpu` also runs vLLM with --enforce-eager and "
+        "VLLM_CPU_KVCACHE_SPACE=1 (GiB of KV cache; set it in `env` to change it).",
     )
 
 
@@ -357,6 +443,20 @@ class SloSpec(_Model):
         lt=100,
         description="Which percentile of requests must meet the objectives, e.g. 90 or 99.",
     )
+    attainment_window: Duration = Field(
+        default="5m",
+        description="The router reports the share of the requests finished this long "
+        "back that met the objectives (status.slo, the SLOAttained condition).",
+    )
+
+    def router_config(self) -> dict[str, float]:
+        """The router's ``slo`` settings (seconds; ``tandem.router.settings.SloSettings``)."""
+        return {
+            "ttft": parse_duration(self.ttft),
+            "tpot": parse_duration(self.tpot),
+            "percentile": self.percentile,
+            "window": parse_duration(self.attainment_window),
+        }
 
 
 class DecodeStepProfile(_Model):
@@ -456,6 +556,15 @@ class RouterSpec(_Model):
         ge=0,
         description="Requests a router replica holds while every worker is busy; past it, "
         "429 with Retry-After.",
+    )
+    migration_limit: int = Field(
+        default=3,
+        ge=0,
+        le=16,
+        description="When a decode worker fails after the client has received tokens, the "
+        "router continues the same stream on another decode worker from the prompt and the "
+        "tokens already sent (one stream, one id, usage counted once), at most this many "
+        "times per request; 0 turns it off (the stream then ends with an error event).",
     )
     image: str | None = Field(
         default=None,
@@ -560,6 +669,30 @@ class ObservedLatency(_Model):
     queue_depth: float | None = Field(default=None, description="Requests waiting, all workers.")
 
 
+class SloAttainment(_Model):
+    """Shares (0 to 1) of the window's requests that met the objectives."""
+
+    ttft: float | None = Field(default=None, description="Met the TTFT objective.")
+    tpot: float | None = Field(default=None, description="Met the TPOT objective.")
+    both: float | None = Field(default=None, description="Met both objectives.")
+
+
+class SloStatus(_Model):
+    """How many recent requests met the objectives, as the pool's routers counted them."""
+
+    attainment: SloAttainment | None = Field(
+        default=None, description="Shares that met the objectives; absent with no traffic."
+    )
+    requests: int | None = Field(
+        default=None, description="Requests that finished within the window (streamed)."
+    )
+    window: str | None = Field(default=None, description="The window, e.g. 5m.")
+    summary: str | None = Field(
+        default=None,
+        description='Share that met both objectives, e.g. "93.1%", for printer columns.',
+    )
+
+
 class InferencePoolStatus(_Model):
     """What the operator and the autoscaler observed and did."""
 
@@ -579,6 +712,9 @@ class InferencePoolStatus(_Model):
     decode: RoleStatus = Field(default_factory=RoleStatus, description="The decode pool.")
     observed: ObservedLatency = Field(
         default_factory=ObservedLatency, description="Measured latencies."
+    )
+    slo: SloStatus = Field(
+        default_factory=SloStatus, description="SLO attainment over spec.slo.attainmentWindow."
     )
     endpoint: str | None = Field(
         default=None, description="In-cluster URL of the OpenAI-compatible endpoint."

@@ -17,10 +17,12 @@ Each tick:
    operator hands ``spec.replicas`` to right after creating a worker);
 5. applies its part of the pool's status to the status subresource under the
    same field manager: per role ``lastDecision``, ``observed`` latencies and
-   queue, and the conditions ``MetricsAvailable`` and ``ScalingLimited``
-   (conditions are a map keyed by type, so the operator's Ready, Progressing and
-   Degraded are never touched); ``desiredReplicas`` stays the operator's (it
-   mirrors the Deployment's ``spec.replicas``);
+   queue, ``slo`` (the share of recent requests that met the objectives, as the
+   pool's routers counted them), and the conditions ``MetricsAvailable``,
+   ``ScalingLimited`` and ``SLOAttained`` (conditions are a map keyed by type, so
+   the operator's Ready, Progressing and Degraded are never touched);
+   ``desiredReplicas`` stays the operator's (it mirrors the Deployment's
+   ``spec.replicas``);
 6. returns the Events to post: one per size change, with the planner's reason
    ("prefill 2→3: TTFT p90 820ms > 500ms"), and a warning when metrics go missing.
 
@@ -45,6 +47,7 @@ import asyncio
 import dataclasses
 import datetime
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,11 +75,12 @@ __all__ = [
     "Tick",
     "disabled_status",
     "restore",
+    "slo_status",
     "status",
 ]
 
 FIELD_MANAGER = applying.AUTOSCALER_FIELD_MANAGER
-CONDITIONS = ("MetricsAvailable", "ScalingLimited")
+CONDITIONS = ("MetricsAvailable", "ScalingLimited", "SLOAttained")
 DEFAULT_INTERVAL = 15.0
 
 _log = logging.getLogger(__name__)
@@ -237,7 +241,7 @@ MetricsReason = planner.Cause | Literal["Measured", "AutoscalerDisabled"]
 where that was found: :class:`~tandem.autoscaling.planner.MetricsUnavailable`), or
 that they were measured, or that the autoscaler is off."""
 
-_OWN_MAPS = ("observed",)
+_OWN_MAPS = ("observed", "slo")
 """Status maps the autoscaler alone writes: a key it stops sending is a change."""
 
 _LIMIT_REASONS: Mapping[planner.Limit, str] = {
@@ -281,12 +285,15 @@ def _status(
     decisions: Mapping[str, api.ScalingDecision],
     conditions: list[api.Condition],
     observed: api.ObservedLatency | None = None,
+    slo: api.SloStatus | None = None,
 ) -> dict[str, Any]:
     # Only what is passed is written (see reporting.dump): a role without a decision
     # and an empty ``observed`` are left out, not sent as defaults.
     given: dict[str, Any] = {role: api.RoleStatus(last_decision=d) for role, d in decisions.items()}
     if observed is not None:
         given["observed"] = observed
+    if slo is not None:
+        given["slo"] = slo
     return reporting.dump(api.InferencePoolStatus(conditions=conditions, **given))
 
 
@@ -329,14 +336,96 @@ def _observed(
     )
 
 
+def _percent(share: float) -> str:
+    # Rounded down: 100.0% only when every request met the objectives.
+    return f"{math.floor(share * 1000 + 1e-9) / 10:.1f}%"
+
+
+def slo_status(
+    readings: Mapping[planner.Role, signals.Reading],
+    objective: api.SloSpec,
+    generation: int,
+    previous: Mapping[str, Any],
+    now: str,
+) -> tuple[api.SloStatus | None, api.Condition]:
+    """``status.slo`` and the ``SLOAttained`` condition, from the decode reading (which
+    carries the pool's attainment, see ``signals``)."""
+    reading = readings.get("decode")
+    snap = reading.snapshot if reading is not None else None
+    window = api.format_duration(api.parse_duration(objective.attainment_window))
+    requests = None if snap is None else snap.attainment_requests
+    conditions = previous.get("conditions") or []
+    if snap is None or requests is None:
+        message = (
+            "no router of the pool reports SLO attainment (tandem_router_slo_requests): "
+            "not scraped yet, or started without slo settings"
+        )
+        return None, _unknown("SLOAttained", "NotMeasured", message, generation, conditions, now)
+    both = snap.attainment_both
+    if requests == 0 or both is None:
+        status = api.SloStatus(requests=requests, window=window)
+        message = f"no request finished in the last {window}"
+        return status, _unknown("SLOAttained", "NoTraffic", message, generation, conditions, now)
+
+    def share(value: float | None) -> float | None:
+        return None if value is None else round(value, 4)
+
+    status = api.SloStatus(
+        attainment=api.SloAttainment(
+            ttft=share(snap.attainment_ttft), tpot=share(snap.attainment_tpot), both=share(both)
+        ),
+        requests=requests,
+        window=window,
+        summary=_percent(both),
+    )
+    target = f"p{objective.percentile:g}"
+    met = (
+        f"{_percent(both)} of the last {window}'s {requests:,} requests met both objectives "
+        f"(TTFT ≤ {objective.ttft}, TPOT ≤ {objective.tpot})"
+    )
+    ok = both >= objective.percentile / 100
+    reason, message = (
+        ("AtObjective", f"{met}, at the {target} objective")
+        if ok
+        else ("BelowObjective", f"{met}, under the {target} objective")
+    )
+    return status, reporting.condition(
+        "SLOAttained", ok, reason, message,
+        generation=generation, previous=conditions, now=now,
+    )  # fmt: skip
+
+
+def _unknown(
+    type_: api.ConditionType,
+    reason: str,
+    message: str,
+    generation: int,
+    previous: Sequence[Mapping[str, Any]],
+    now: str,
+) -> api.Condition:
+    # reporting.condition says True or False; the transition time follows the same rule.
+    old = next((c for c in previous if c.get("type") == type_), None)
+    since = old.get("lastTransitionTime") if old and old.get("status") == "Unknown" else None
+    return api.Condition(
+        type=type_,
+        status="Unknown",
+        reason=reason,
+        message=message,
+        observed_generation=generation,
+        last_transition_time=since or now,
+    )
+
+
 def status(
     plan: planner.Plan,
     readings: Mapping[planner.Role, signals.Reading],
     generation: int,
     previous: Mapping[str, Any],
     now: str,
+    objective: api.SloSpec | None = None,
 ) -> dict[str, Any]:
-    """The fields of ``status`` the autoscaler owns, after a tick."""
+    """The fields of ``status`` the autoscaler owns, after a tick (``objective``: the
+    pool's ``spec.slo``, for ``status.slo`` and ``SLOAttained``; None: neither)."""
     decisions = _kept_decisions(previous)
     for d in plan.decisions:
         if d.changed and d.replicas is not None:
@@ -370,7 +459,10 @@ def status(
         "ScalingLimited", ok, reason, message,
         generation=generation, previous=previous.get("conditions") or [], now=now,
     )  # fmt: skip
-    return _status(decisions, [available, scaling], _observed(readings))
+    if objective is None:
+        return _status(decisions, [available, scaling], _observed(readings))
+    slo, attained = slo_status(readings, objective, generation, previous, now)
+    return _status(decisions, [available, scaling, attained], _observed(readings), slo)
 
 
 def notices(
@@ -544,7 +636,7 @@ class Autoscaler:
                 logger.debug("%s", d.reason)
         self._states[key] = kept
         result.plan = plan
-        wanted = status(plan, readings, generation, previous, stamp)
+        wanted = status(plan, readings, generation, previous, stamp, pool.spec.slo)
         result.notices += notices(plan, wanted, previous)
         for notice in result.notices:
             if notice.type == "Warning" and notice.reason != "ScaleFailed":

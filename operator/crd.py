@@ -153,6 +153,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
      "description": "Observed time to first token at the SLO percentile"},
     {"name": "TPOT", "type": "string", "jsonPath": ".status.observed.tpot",
      "description": "Observed time per output token at the SLO percentile"},
+    {"name": "SLO", "type": "string", "jsonPath": ".status.slo.summary",
+     "description": "Share of the recent requests that met both objectives"},
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]  # fmt: skip

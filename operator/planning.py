@@ -113,7 +113,7 @@ def engine_args(pool: api.InferencePool, role: WorkerRole) -> vllm_args.EngineAr
     spec = pool.spec
     role_spec = spec.prefill if role == "prefill" else spec.decode
     return vllm_args.EngineArgs(
-        model=spec.model.effective_path,
+        model=model_source(spec.model).path,
         served_name=spec.model.effective_served_name,
         port=WORKER_PORT,
         max_model_len=spec.model.max_model_len,
@@ -123,6 +123,8 @@ def engine_args(pool: api.InferencePool, role: WorkerRole) -> vllm_args.EngineAr
         max_num_batched_tokens=role_spec.batching.max_num_batched_tokens,
         kv_connector=spec.engine.kv_connector,
         kv_buffer_device=spec.engine.kv_buffer_device,
+        # Graph capture buys nothing on the CPU and costs ~26 s per start.
+        enforce_eager=spec.engine.kv_buffer_device == "cpu",
         gpu_memory_utilization=role_spec.gpu_memory_utilization,
         extra_args=(*spec.engine.extra_args, *role_spec.extra_args),
     )
@@ -144,6 +146,7 @@ def _resources(spec: api.ResourceRequirements) -> dict[str, Any]:
 
 _CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
     "capabilities": {"drop": ["ALL"]},
 }
 _POD_SECURITY = {
@@ -154,37 +157,166 @@ _POD_SECURITY = {
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 
+MODELS_DIR = "/models"
+"""Where a model volume (PVC, hostPath, the tiny model's emptyDir) is mounted."""
+TINY_MODEL_PATH = f"{MODELS_DIR}/tiny"
+"""One path for prefill and decode: NIXL's compatibility hash includes ``--model``."""
+CACHE_DIR = "/cache"
+"""HOME and every cache of a worker: an emptyDir (the root filesystem is read-only)."""
+HF_HOME = f"{CACHE_DIR}/huggingface"
+"""Hugging Face downloads; ``model.huggingFace.cacheClaim`` mounts a PVC here."""
+CPU_KV_CACHE_GIB = 1
+"""``VLLM_CPU_KVCACHE_SPACE`` of CPU pools unless ``engine.env`` sets it."""
+SHM_SIZE_LIMIT = "1Gi"
+"""vLLM's MultiprocExecutor ring buffer needs ~160 MiB of /dev/shm even at TP 1;
+a sandbox has 64 MiB."""
+
+TINY_MODEL_SCRIPT = (
+    "import pathlib, sys\n"
+    "from tandem.workers import tinymodel\n"
+    "dest = pathlib.Path(sys.argv[1])\n"
+    "if not (dest / tinymodel.MARKER).is_file():\n"
+    "    tinymodel.build_tiny_model(dest)\n"
+)
+"""Run by the ``tiny-model`` init container (the engine image must hold the tandem
+package, as ghcr.io/tandem-dev/tandem-vllm-cpu does); seed 0 gives every pod the
+same bytes."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a worker finds its weights, as pod-spec pieces."""
+
+    kind: api.ModelSourceKind
+    path: str
+    """The ``--model`` argument."""
+    volumes: tuple[dict[str, Any], ...] = ()
+    mounts: tuple[dict[str, Any], ...] = ()
+    env: tuple[dict[str, Any], ...] = ()
+    offline: bool = True
+    """Nothing to download: vLLM must not try a model hub."""
+    builds_tiny_model: bool = False
+
+
+def model_source(model: api.ModelSpec) -> ModelSource:
+    """The volumes, mounts and environment that put the weights where ``--model`` says."""
+    kind = model.source_kind
+    read_only_mount = ({"name": "model", "mountPath": MODELS_DIR, "readOnly": True},)
+    if kind == "pvc":
+        claim = {"claimName": model.pvc, "readOnly": True}
+        return ModelSource(
+            kind, model.effective_path,
+            volumes=({"name": "model", "persistentVolumeClaim": claim},), mounts=read_only_mount,
+        )  # fmt: skip
+    if kind == "hostPath":
+        host = {"path": model.host_path, "type": "Directory"}
+        return ModelSource(
+            kind, model.effective_path,
+            volumes=({"name": "model", "hostPath": host},), mounts=read_only_mount,
+        )  # fmt: skip
+    if kind == "tiny":
+        return ModelSource(
+            kind, TINY_MODEL_PATH,
+            volumes=({"name": "model", "emptyDir": {"sizeLimit": "64Mi"}},), mounts=read_only_mount,
+            builds_tiny_model=True,
+        )  # fmt: skip
+    if kind == "image":
+        return ModelSource(kind, model.effective_path)
+    hub = model.hugging_face or api.HuggingFaceSpec()
+    env: tuple[dict[str, Any], ...] = ()
+    if hub.token_secret is not None:
+        ref = {"name": hub.token_secret.name, "key": hub.token_secret.key}
+        env = ({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}},)
+    volumes: tuple[dict[str, Any], ...] = ()
+    mounts: tuple[dict[str, Any], ...] = ()
+    if hub.cache_claim:
+        claim = {"claimName": hub.cache_claim}
+        volumes = ({"name": "hf-cache", "persistentVolumeClaim": claim},)
+        mounts = ({"name": "hf-cache", "mountPath": HF_HOME},)
+    return ModelSource(kind, model.name, volumes, mounts, env, offline=False)
+
+
+def _merge_env(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per name, a later group's winning (server-side apply rejects duplicates)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        for var in group:
+            merged.pop(var["name"], None)
+            merged[var["name"]] = var
+    return list(merged.values())
+
+
+def _pod_ip(name: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
+def worker_env(pool: api.InferencePool, source: ModelSource) -> list[dict[str, Any]]:
+    """Addresses, caches on the writable volumes, and the user's ``engine.env`` last."""
+    spec = pool.spec
+    ours: list[dict[str, Any]] = [
+        # vLLM advertises and NIXL's side channel binds the pod's own address.
+        _pod_ip("VLLM_HOST_IP"),
+        _pod_ip("VLLM_NIXL_SIDE_CHANNEL_HOST"),
+        {"name": "VLLM_NIXL_SIDE_CHANNEL_PORT", "value": str(NIXL_PORT)},
+        # The image's uid may have no passwd entry: getpass and ~ need these.
+        {"name": "HOME", "value": CACHE_DIR},
+        {"name": "USER", "value": "vllm"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        {"name": "XDG_CONFIG_HOME", "value": f"{CACHE_DIR}/config"},
+        {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_DIR}/vllm"},
+        {"name": "VLLM_CONFIG_ROOT", "value": f"{CACHE_DIR}/config/vllm"},
+        {"name": "VLLM_RPC_BASE_PATH", "value": "/tmp"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{CACHE_DIR}/torchinductor"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+        {"name": "NUMBA_CACHE_DIR", "value": f"{CACHE_DIR}/numba"},
+        {"name": "OUTLINES_CACHE_DIR", "value": f"{CACHE_DIR}/outlines"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "DO_NOT_TRACK", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]  # fmt: skip
+    if source.offline:
+        ours += [{"name": "HF_HUB_OFFLINE", "value": "1"},
+                 {"name": "TRANSFORMERS_OFFLINE", "value": "1"}]  # fmt: skip
+    if spec.engine.kv_buffer_device == "cpu":
+        ours.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(CPU_KV_CACHE_GIB)})
+    ours += list(source.env)
+    user = [{"name": e.name, "value": e.value} for e in spec.engine.env]
+    return _merge_env(ours, user)
+
+
+def _tiny_model_init(image: str) -> dict[str, Any]:
+    return {
+        "name": "tiny-model",
+        "image": image,
+        "command": ["python3", "-c", TINY_MODEL_SCRIPT, TINY_MODEL_PATH],
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "USER", "value": "vllm"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
+                      "limits": {"memory": "1Gi"}},
+        "volumeMounts": [{"name": "model", "mountPath": MODELS_DIR},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": _CONTAINER_SECURITY,
+    }  # fmt: skip
+
 
 def worker_deployment(pool: api.InferencePool, role: WorkerRole) -> K8sObject:
     spec = pool.spec
     role_spec = spec.prefill if role == "prefill" else spec.decode
+    source = model_source(spec.model)
     args = vllm_args.build_vllm_args(engine_args(pool, role), engine_role(pool, role))
-    env: list[dict[str, Any]] = [
-        {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST",
-         "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "VLLM_NIXL_SIDE_CHANNEL_PORT", "value": str(NIXL_PORT)},
-        {"name": "HOME", "value": "/cache"},
-        {"name": "HF_HOME", "value": "/cache/huggingface"},
-        {"name": "VLLM_CACHE_ROOT", "value": "/cache/vllm"},
-        {"name": "XDG_CACHE_HOME", "value": "/cache"},
-    ]  # fmt: skip
-    env += [{"name": e.name, "value": e.value} for e in spec.engine.env]
     volumes: list[dict[str, Any]] = [
         {"name": "cache", "emptyDir": {}},
-        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}},
+        *source.volumes,
     ]
     mounts: list[dict[str, Any]] = [
-        {"name": "cache", "mountPath": "/cache"},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
         {"name": "shm", "mountPath": "/dev/shm"},
+        *source.mounts,
     ]
-    if spec.model.pvc:
-        volumes.append(
-            {
-                "name": "model",
-                "persistentVolumeClaim": {"claimName": spec.model.pvc, "readOnly": True},
-            }
-        )
-        mounts.append({"name": "model", "mountPath": "/models", "readOnly": True})
     health = {"httpGet": {"path": "/health", "port": "http"}}
     container: dict[str, Any] = {
         "name": "vllm",
@@ -195,11 +327,11 @@ def worker_deployment(pool: api.InferencePool, role: WorkerRole) -> K8sObject:
             {"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"},
             {"name": "nixl", "containerPort": NIXL_PORT, "protocol": "TCP"},
         ],
-        "env": env,
+        "env": worker_env(pool, source),
         "resources": _resources(role_spec.resources),
         "volumeMounts": mounts,
         # Model loading can take many minutes: the startup probe allows 30.
-        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180},
+        "startupProbe": {**health, "periodSeconds": 5, "failureThreshold": 360},
         "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {
             **health,
@@ -218,6 +350,8 @@ def worker_deployment(pool: api.InferencePool, role: WorkerRole) -> K8sObject:
         "containers": [container],
         "volumes": volumes,
     }
+    if source.builds_tiny_model:
+        pod_spec["initContainers"] = [_tiny_model_init(spec.engine.image)]
     if role_spec.node_selector:
         pod_spec["nodeSelector"] = dict(role_spec.node_selector)
     if role_spec.tolerations:
@@ -251,6 +385,8 @@ def router_config(pool: api.InferencePool) -> dict[str, Any]:
         "policy": spec.router.policy,
         "autoThresholdTokens": spec.router.auto_threshold_tokens,
         "maxQueuedRequests": spec.router.max_queued_requests,
+        "migrationLimit": spec.router.migration_limit,
+        "slo": spec.slo.router_config(),
         "discovery": {
             "kind": "kubernetes",
             "namespace": pool.namespace,
@@ -283,8 +419,9 @@ def router_objects(pool: api.InferencePool, settings: PlanSettings) -> list[K8sO
         "resources": resources,
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
-        "volumeMounts": [{"name": "config", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True}],
-        "securityContext": {**_CONTAINER_SECURITY, "readOnlyRootFilesystem": True},
+        "volumeMounts": [{"name": "config", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": _CONTAINER_SECURITY,
     }  # fmt: skip
     return [
         {
@@ -335,7 +472,10 @@ def router_objects(pool: api.InferencePool, settings: PlanSettings) -> list[K8sO
                         "enableServiceLinks": False,
                         "securityContext": _POD_SECURITY,
                         "containers": [container],
-                        "volumes": [{"name": "config", "configMap": {"name": name}}],
+                        "volumes": [
+                            {"name": "config", "configMap": {"name": name}},
+                            {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                        ],
                     },
                 },
             },

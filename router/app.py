@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tandem import roles
 from tandem.router import (
     admission,
+    attainment,
     discovery,
     endpoints,
     errors,
@@ -142,6 +143,10 @@ class RouterApp:
         pool = config.pool_label
         meters = metrics.RouterMetrics(pool)
         meters.watch(metrics.StateView(pool, tuple(sets.values()), lambda: gate.queued))
+        if config.slo is not None:
+            slo = config.slo
+            tracker = attainment.Tracker(ttft=slo.ttft, tpot=slo.tpot, window=slo.window)
+            meters.track_slo(tracker, slo.percentile / 100, self._clock)
         runtime = _Runtime(
             client=client,
             sets=sets,

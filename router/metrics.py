@@ -2,8 +2,9 @@
 
 Counters and histograms are updated on the request path through pre-bound label
 children. Gauges of the current state (in-flight, queued, scraped load) cost
-nothing per request: a collector reads them from the endpoint sets when
-``/metrics`` is scraped. The table in ``router/METRICS.md`` lists them.
+nothing per request: a collector reads them from the endpoint sets (and the SLO
+attainment from its :class:`~.attainment.Tracker`) when ``/metrics`` is scraped.
+The table in ``router/METRICS.md`` lists them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tandem.router import endpoints
+from tandem.router import attainment, endpoints
 
-__all__ = ["MIGRATIONS", "OUTCOMES", "PATHS", "RouterMetrics", "StateView"]
+__all__ = ["MIGRATIONS", "OBJECTIVES", "OUTCOMES", "PATHS", "RouterMetrics", "StateView"]
 
 OUTCOMES = (
     "ok",
@@ -38,6 +39,9 @@ PATHS = ("disaggregated", "aggregated", "short_prompt", "fallback")
 
 MIGRATIONS = ("ok", "exhausted", "failed")
 """Values of ``tandem_router_migrations_total{outcome}``."""
+
+OBJECTIVES = ("ttft", "tpot", "both")
+"""Values of ``tandem_router_slo_attainment{objective}``."""
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -96,6 +100,42 @@ class _StateCollector(Collector):
         )
         queued.add_metric([view.pool], view.queued())
         yield from (known, in_flight, waiting, kv, queued)
+
+
+class _SloCollector(Collector):
+    def __init__(
+        self, pool: str, tracker: attainment.Tracker, target: float, clock: Callable[[], float]
+    ) -> None:
+        self._pool = pool
+        self._tracker = tracker
+        self._target = target
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        got = self._tracker.read(self._clock())
+        shares = GaugeMetricFamily(
+            "tandem_router_slo_attainment",
+            "Share (0..1) of the window's finished streams that met the objective; "
+            "absent when none finished.",
+            labels=["pool", "objective"],
+        )
+        for objective in OBJECTIVES:
+            share = getattr(got, objective)
+            if share is not None:
+                shares.add_metric([self._pool, objective], share)
+        requests = GaugeMetricFamily(
+            "tandem_router_slo_requests",
+            "Streams that finished within the attainment window.",
+            labels=["pool"],
+        )
+        requests.add_metric([self._pool], got.requests)
+        target = GaugeMetricFamily(
+            "tandem_router_slo_target",
+            "The share of requests that should meet the objectives (the SLO percentile).",
+            labels=["pool"],
+        )
+        target.add_metric([self._pool], self._target)
+        yield from (shares, requests, target)
 
 
 class RouterMetrics:
@@ -198,10 +238,21 @@ class RouterMetrics:
             ["pool", "role"],
             registry=r,
         )
+        self.slo: attainment.Tracker | None = None
+        """Where finished streams are counted against the objectives (None: no SLO set)."""
+        self._pool = pool
 
     def watch(self, view: StateView) -> None:
         """Report the endpoint sets' state on every scrape."""
         self.registry.register(_StateCollector(view))
+
+    def track_slo(
+        self, tracker: attainment.Tracker, target: float, clock: Callable[[], float]
+    ) -> None:
+        """Count finished streams in ``tracker`` and report its attainment on every
+        scrape (``target``: the share that should meet the objectives, 0..1)."""
+        self.slo = tracker
+        self.registry.register(_SloCollector(self._pool, tracker, target, clock))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -348,8 +348,11 @@ class Orchestrator:
             if reply is not None:
                 await reply.aclose()
         # One event per token, less the first and the closing [DONE]: an estimate.
-        if arrival is not None and events > 2 and last > first:
-            self.metrics.tpot.observe((last - first) / (events - 2))
+        tpot = (last - first) / (events - 2) if events > 2 and last > first else None
+        if arrival is not None and tpot is not None:
+            self.metrics.tpot.observe(tpot)
+        if arrival is not None and self.metrics.slo is not None:
+            self.metrics.slo.record(last, first - arrival, tpot)
 
     def _broke(self, url: str, message: str) -> errors.UpstreamError:
         logger.warning("decode worker %s broke a stream: %s", url, message)

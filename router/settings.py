@@ -145,6 +145,27 @@ class PrefixSettings(_Settings):
     mean (consistent hashing with bounded loads), so a hot prefix spreads."""
 
 
+class SloSettings(_Settings):
+    """The latency objectives whose attainment the router reports (``router/METRICS.md``:
+    ``tandem_router_slo_*``); absent, the router reports none."""
+
+    ttft: float | None = Field(default=None, gt=0)
+    """Time to first token objective, seconds; None: not an objective."""
+    tpot: float | None = Field(default=None, gt=0)
+    """Time per output token objective, seconds; None: not an objective."""
+    percentile: float = Field(default=90.0, gt=0, lt=100)
+    """The share of requests (in percent) that should meet them: the target the
+    attainment is compared with (``tandem_router_slo_target``)."""
+    window: float = Field(default=300.0, gt=0)
+    """Seconds of recent requests the attainment is measured over."""
+
+    @model_validator(mode="after")
+    def _some_objective(self) -> SloSettings:
+        if self.ttft is None and self.tpot is None:
+            raise ValueError("slo needs a ttft or a tpot objective")
+        return self
+
+
 class RouterSettings(_Settings):
     """Everything the router needs; loads ``planning.router_config(pool)`` as is."""
 
@@ -182,6 +203,8 @@ class RouterSettings(_Settings):
     """Seconds a worker is avoided after a connection to it failed."""
     max_connections: int = Field(default=1024, ge=1)
     """Pooled HTTP connections to the workers, all of them together."""
+    slo: SloSettings | None = None
+    """The objectives to report attainment of (the pool's ``spec.slo``); None: none."""
 
     @property
     def pool_label(self) -> str:

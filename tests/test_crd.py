@@ -80,7 +80,7 @@ def test_rules_and_defaults_are_present() -> None:
 def test_printer_columns_show_both_pools_and_latencies() -> None:
     version = crd.crd()["spec"]["versions"][0]
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names == ["Mode", "Prefill", "Decode", "TTFT", "TPOT", "Ready", "Age"]
+    assert names == ["Mode", "Prefill", "Decode", "TTFT", "TPOT", "SLO", "Ready", "Age"]
     assert version["subresources"] == {"status": {}}
 
 

@@ -301,6 +301,7 @@ def _write_json(path: Path, obj: object) -> None:
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "MARKER",
     "TinyShape",
     "build_tiny_model",
     "cache_key",

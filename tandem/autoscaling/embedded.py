@@ -76,9 +76,12 @@ class Source:
         urls = await self._endpoints(namespace, pool, "router")
         pages = await asyncio.gather(*(self._scrape(u) for u in urls))
         merged: scrape.Samples = {}
-        for page in pages:
+        for url, page in zip(urls, pages, strict=True):
+            # As Prometheus would, so that each replica's attainment keeps its weight.
             for name, samples in (page or {}).items():
-                merged.setdefault(name, []).extend(samples)
+                merged.setdefault(name, []).extend(
+                    ({**labels, "instance": url}, value) for labels, value in samples
+                )
         return merged if any(pages) else None
 
     @staticmethod

@@ -20,7 +20,10 @@ worker turning warm look like a rise in demand.
 
 The router's admission queue comes from the pool's router targets (matched by
 ``pool`` and ``namespace``, not ``role``); a pool whose router is not scraped adds
-nothing to the decode queue.
+nothing to the decode queue. So does the pool's SLO attainment (decode's reading
+carries it): each router replica's share weighed by its requests, the pool's share
+of all the requests its routers saw (``min`` would let an idle replica's one slow
+request speak for the pool).
 
 Anything that cannot be read is reported as
 :class:`~.planner.MetricsUnavailable` with the reason (Prometheus
@@ -151,6 +154,13 @@ def queries(
         out["kv_usage"] = load("avg", signals.KV_USAGE)
         if router_selector is not None:
             out["router_queued"] = f"sum({signals.ROUTER_QUEUED}{{{router_selector}}})"
+            requests = f"{signals.ROUTER_SLO_REQUESTS}{{{router_selector}}}"
+            out["attainment_requests"] = f"sum({requests})"
+            for o in signals.OBJECTIVES:
+                share = f'{signals.ROUTER_SLO_ATTAINMENT}{{{router_selector},objective="{o}"}}'
+                out[f"attainment_{o}"] = (
+                    f"sum({share} * ignoring(objective) {requests}) / sum({requests})"
+                )
     for name in signals.required(role):
         out[f"present {name}"] = f"count({series(name)})"
     return out
@@ -241,6 +251,7 @@ class Source:
         def value(name: str) -> float | None:
             return _scalar(raw[name]) if name in raw else None
 
+        requests = value("attainment_requests")
         snapshot = signals.Snapshot(
             targets=int(value("targets") or 0),
             warm=int(value("warm") or 0),
@@ -253,6 +264,10 @@ class Source:
             request_rate=value("request_rate"),
             prompt_token_rate=value("prompt_token_rate"),
             where=f"up{{{selector}}}",
+            attainment_requests=None if requests is None else round(requests),
+            attainment_ttft=value("attainment_ttft"),
+            attainment_tpot=value("attainment_tpot"),
+            attainment_both=value("attainment_both"),
         )
         return signals.Reading(role, snapshot)
 

@@ -4,8 +4,10 @@ The source of local mode (and of any deployment without Prometheus): two scrapes
 per worker, the latest and one about ``window`` earlier, become a
 :class:`~.signals.Snapshot` the way the PromQL of :mod:`.prometheus` would read
 them (histogram bucket deltas → the SLO percentile, counter deltas → rates,
-gauges as they are); :func:`.signals.role_inputs` does the rest. Pure: fetching
-the pages is the caller's job.
+gauges as they are); :func:`.signals.role_inputs` does the rest. The router's
+samples (the decode queue, the SLO attainment) may come from several replicas, told
+apart by an ``instance`` label the caller adds (:func:`router_attainment`). Pure:
+fetching the pages is the caller's job.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from tandem import roles, vllm_metrics
 from tandem.autoscaling import planner, signals
 
-__all__ = ["Samples", "Scrape", "WorkerView", "parse", "pick_old", "role_inputs", "snapshot"]
+__all__ = [
+    "Samples",
+    "Scrape",
+    "WorkerView",
+    "parse",
+    "pick_old",
+    "role_inputs",
+    "router_attainment",
+    "snapshot",
+]
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 """Sample name (colon spelling) → [(labels, value)]."""
@@ -93,6 +104,20 @@ def _rate(views: Iterable[WorkerView], name: str) -> float | None:
     return sum(rates) if rates else None
 
 
+def router_attainment(router: Samples) -> signals.PoolAttainment:
+    """The pool's SLO attainment from its routers' samples, one replica per value of
+    the ``instance`` label (none: a single router)."""
+    shares: dict[str, dict[str, float]] = {}
+    for labels, value in router.get(signals.ROUTER_SLO_ATTAINMENT, []):
+        shares.setdefault(labels.get("instance", ""), {})[labels.get("objective", "")] = value
+    return signals.attainment(
+        [
+            signals.RouterAttainment(value, shares.get(labels.get("instance", ""), {}))
+            for labels, value in router.get(signals.ROUTER_SLO_REQUESTS, [])
+        ]
+    )
+
+
 def snapshot(
     role: roles.Role,
     views: Sequence[WorkerView],
@@ -108,6 +133,9 @@ def snapshot(
     present = {name for v in ready if v.new is not None for name in v.new.samples}
     q = percentile / 100
     kv = [total(v.new.samples, signals.KV_USAGE) for v in ready if v.new is not None]
+    slo = signals.PoolAttainment()
+    if router is not None and role == "decode":
+        slo = router_attainment(router)
     return signals.Snapshot(
         targets=len(ready),
         warm=len(warm),
@@ -120,6 +148,10 @@ def snapshot(
         request_rate=_rate(ready, signals.SUCCESS),
         prompt_token_rate=_rate(ready, signals.PROMPT_TOKENS),
         where=f"{len(views)} asked, none answered /metrics" if views else "",
+        attainment_requests=slo.requests,
+        attainment_ttft=slo.ttft,
+        attainment_tpot=slo.tpot,
+        attainment_both=slo.both,
     )
 
 

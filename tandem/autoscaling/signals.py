@@ -17,6 +17,11 @@ make them the planner's :class:`~.planner.RoleInputs`, so the three cannot drift
   role's metrics unavailable (with the reason), never zeros; an empty window (no
   request finished) is ``None``, not unavailable.
 
+The pool's **SLO attainment** (the share of recent requests that met the objectives,
+``tandem_router_slo_*``) is the router's own count, not a planner input: the decode
+snapshot carries it to the status. Several router replicas are weighed by their
+requests (:func:`attainment`), as the PromQL of :mod:`.prometheus` does.
+
 The histogram maths that the scrape and replay paths need (PromQL's
 ``histogram_quantile``) is here too, so Prometheus and the local paths agree.
 """
@@ -30,9 +35,15 @@ from tandem import roles, vllm_metrics
 from tandem.autoscaling import planner
 
 __all__ = [
+    "OBJECTIVES",
     "ROUTER_QUEUED",
+    "ROUTER_SLO_ATTAINMENT",
+    "ROUTER_SLO_REQUESTS",
+    "PoolAttainment",
     "Reading",
+    "RouterAttainment",
     "Snapshot",
+    "attainment",
     "histogram_quantile",
     "metrics",
     "required",
@@ -49,6 +60,12 @@ PROMPT_TOKENS = vllm_metrics.PROMPT_TOKENS + "_total"
 
 ROUTER_QUEUED = "tandem_router_queued_requests"
 """The router's gauge of requests waiting for a decode worker (``router/METRICS.md``)."""
+ROUTER_SLO_ATTAINMENT = "tandem_router_slo_attainment"
+"""The router's share of recent requests that met an objective (label ``objective``)."""
+ROUTER_SLO_REQUESTS = "tandem_router_slo_requests"
+"""The router's count of requests in its attainment window."""
+OBJECTIVES = ("ttft", "tpot", "both")
+"""Values of the ``objective`` label."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,16 @@ class Snapshot:
     """Prompt tokens/s prefilled by every worker read."""
     where: str = ""
     """How the source looked for the workers (e.g. its target selector), for messages."""
+    attainment_requests: int | None = None
+    """Requests the pool's routers saw finish in their attainment window; None when no
+    router reports attainment (not read, or started without ``slo`` settings). Decode
+    only, as every attainment field."""
+    attainment_ttft: float | None = None
+    """Share (0 to 1) of those that met the TTFT objective; None when there were none."""
+    attainment_tpot: float | None = None
+    """Share that met the TPOT objective."""
+    attainment_both: float | None = None
+    """Share that met both objectives."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +139,41 @@ class Reading:
         if self.snapshot is None:
             return planner.RoleInputs(replicas=replicas, ready=ready, metrics=self.metrics)
         return role_inputs(self.role, self.snapshot, replicas=replicas, ready=ready)
+
+
+@dataclass(frozen=True)
+class RouterAttainment:
+    """What one router replica reports: its window's requests and the shares met."""
+
+    requests: float
+    shares: dict[str, float]
+    """By objective (``ttft``, ``tpot``, ``both``); an objective absent: not reported."""
+
+
+@dataclass(frozen=True)
+class PoolAttainment:
+    """The pool's attainment: the :class:`Snapshot` fields ``attainment_*``."""
+
+    requests: int | None = None
+    ttft: float | None = None
+    tpot: float | None = None
+    both: float | None = None
+
+
+def attainment(routers: Sequence[RouterAttainment]) -> PoolAttainment:
+    """The pool's attainment over its router replicas, each weighed by its requests
+    (all None when no router reports; the shares None when no request finished)."""
+    if not routers:
+        return PoolAttainment()
+    total = sum(r.requests for r in routers)
+
+    def share(objective: str) -> float | None:
+        reporting = [r for r in routers if objective in r.shares and r.requests > 0]
+        if total <= 0 or not reporting:
+            return None
+        return sum(r.shares[objective] * r.requests for r in reporting) / total
+
+    return PoolAttainment(round(total), share("ttft"), share("tpot"), share("both"))
 
 
 def required(role: roles.Role) -> tuple[str, ...]:

@@ -130,6 +130,7 @@ async def running(
             autoThresholdTokens=pool.spec.router.auto_threshold_tokens,
             maxQueuedRequests=pool.spec.router.max_queued_requests,
             poolName=pool.name,
+            slo=pool.spec.slo.router_config(),
         )
 
         def spawn(role: roles.Role, index: int) -> Worker:

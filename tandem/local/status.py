@@ -1,10 +1,12 @@
 """Local mode's status line: workers ready per role, queue, TTFT/TPOT at the SLO
-percentile and requests served, read from the workers' and the router's ``/metrics``."""
+percentile, requests served and (when the router counts it) the share of recent
+requests that met both objectives, read from the workers' and the router's ``/metrics``."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -29,6 +31,8 @@ class Snapshot:
     ttft: float | None
     tpot: float | None
     requests: float
+    attained: signals.PoolAttainment = field(default_factory=signals.PoolAttainment)
+    """The router's SLO attainment over its window (all None: not counted)."""
 
     def line(self, percentile: float) -> str:
         def ms(value: float | None) -> str:
@@ -36,10 +40,16 @@ class Snapshot:
 
         roles = " · ".join(f"{r} {self.ready[r]}/{self.total[r]}" for r in self.total)
         p = f"p{percentile:g}"
-        return (
+        text = (
             f"{roles} · queue {self.queue:g} · TTFT {p} {ms(self.ttft)} · "
             f"TPOT {p} {ms(self.tpot)} · requests {self.requests:g}"
         )
+        both = self.attained.both
+        if self.attained.requests is not None:
+            # Rounded down, as the pool's status: 100.0% only when every request met both.
+            met = "-" if both is None else f"{math.floor(both * 1000 + 1e-9) / 10:.1f}%"
+            text += f" · SLO met {met} of {self.attained.requests:,}"
+        return text
 
 
 def router_latency(samples: scrape.Samples, name: str, q: float) -> float | None:
@@ -74,4 +84,5 @@ async def read(pool: processes.LocalPool, client: httpx.AsyncClient) -> Snapshot
         ttft=router_latency(samples, ROUTER_TTFT, q),
         tpot=router_latency(samples, ROUTER_TPOT, q),
         requests=scrape.total(samples, ROUTER_REQUESTS),
+        attained=scrape.router_attainment(samples),
     )

@@ -113,6 +113,35 @@ def test_no_pods_and_no_api_say_why() -> None:
     assert "403 Forbidden" in m.reason
 
 
+def router_page(requests: int, both: float | None) -> str:
+    page = (
+        "# TYPE tandem_router_slo_requests gauge\n"
+        f'tandem_router_slo_requests{{pool="p"}} {requests}\n'
+        "# TYPE tandem_router_slo_attainment gauge\n"
+    )
+    if both is not None:
+        page += f'tandem_router_slo_attainment{{pool="p",objective="both"}} {both}\n'
+    return page
+
+
+def test_each_router_replicas_attainment_weighs_as_its_requests() -> None:
+    d, r1, r2, r3 = ("http://198.18.0.5:8000", "http://198.18.0.9:8080",
+                     "http://198.18.0.10:8080", "http://198.18.0.11:8080")  # fmt: skip
+    pages = {d: decode_page(0, 0.1, 1), r1: router_page(900, 0.9), r2: router_page(100, 0.5),
+             r3: router_page(0, None)}  # fmt: skip
+    pods = Pods({"prefill": [], "decode": [d], "router": [r1, r2, r3]}, pages)
+    source = embedded.Source(pods.endpoints, clock=Clock(), transport=pods.transport())
+    got = asyncio.run(source.read_pool(SPEC, "p", ("prefill", "decode"), window=60, warmup=0))
+    snap = got["decode"].snapshot
+    assert snap is not None
+    assert snap.attainment_requests == 1000
+    assert snap.attainment_both == pytest.approx((810 + 50) / 1000)  # not the mean, 0.7
+    assert (snap.attainment_ttft, snap.attainment_tpot) == (None, None)  # not reported
+    prefill = got["prefill"].snapshot
+    assert prefill is not None
+    assert prefill.attainment_requests is None  # the decode reading carries the pool's
+
+
 class Slices:
     def __init__(self) -> None:
         self.asked: list[tuple[str | None, str]] = []

@@ -198,3 +198,29 @@ def test_the_cause_of_a_query_error_is_carried_not_parsed() -> None:
     assert reading.metrics == planner.MetricsUnavailable(reading.error)
     assert isinstance(reading.metrics, planner.MetricsUnavailable)
     assert reading.metrics.cause == "QueryFailed"
+
+
+def test_the_decode_reading_carries_the_pools_slo_attainment() -> None:
+    shares = {"attainment_requests": 1204, "attainment_ttft": 0.97, "attainment_tpot": 0.95,
+              "attainment_both": 0.931}  # fmt: skip
+    snap = read({**HEALTHY, **shares}).snapshot
+    assert snap is not None
+    assert (snap.attainment_requests, snap.attainment_ttft, snap.attainment_tpot,
+            snap.attainment_both) == (1204, 0.97, 0.95, 0.931)  # fmt: skip
+    # No request in the window: 0 requests, the shares 0/0 (NaN).
+    idle = read({**HEALTHY, "attainment_requests": 0, "attainment_both": "NaN"}).snapshot
+    assert idle is not None
+    assert (idle.attainment_requests, idle.attainment_both) == (0, None)
+    # No router reports attainment: nothing, not zeros.
+    unread = read(HEALTHY).snapshot
+    assert unread is not None
+    assert (unread.attainment_requests, unread.attainment_both) == (None, None)
+    assert "attainment_both" not in prometheus.queries(SELECTOR, "prefill", 90, 60, 120, 'pool="p"')
+
+
+def test_router_replicas_are_weighed_by_their_requests() -> None:
+    q = prometheus.queries(SELECTOR, "decode", 90, 60, 120, 'pool="p"')
+    assert q["attainment_both"] == (
+        'sum(tandem_router_slo_attainment{pool="p",objective="both"} * ignoring(objective) '
+        'tandem_router_slo_requests{pool="p"}) / sum(tandem_router_slo_requests{pool="p"})'
+    )

@@ -159,3 +159,66 @@ def test_the_replay_reads_its_workers_through_the_same_function(
     replay.replay(workload, replay.Tandem(1, 1, spec))
     assert {role for role, _ in seen} == {"prefill", "decode"}
     assert all(s.router_queued == 0 for role, s in seen if role == "prefill")
+
+
+def test_the_pools_attainment_weighs_each_router_by_its_requests() -> None:
+    routers = [
+        signals.RouterAttainment(300, {"ttft": 1.0, "tpot": 0.9, "both": 0.9}),
+        signals.RouterAttainment(100, {"ttft": 0.5, "tpot": 1.0, "both": 0.5}),
+        signals.RouterAttainment(0, {}),  # an idle replica: no shares, no weight
+    ]
+    got = signals.attainment(routers)
+    assert got.requests == 400
+    assert got.ttft == pytest.approx(350 / 400)
+    assert got.tpot == pytest.approx(370 / 400)
+    assert got.both == pytest.approx(320 / 400)
+    assert signals.attainment([signals.RouterAttainment(0, {})]) == signals.PoolAttainment(0)
+    assert signals.attainment([]) == signals.PoolAttainment()
+
+
+def test_the_same_router_samples_give_the_same_attainment_from_prometheus_and_scrapes() -> None:
+    # Two router replicas, told apart by instance (Prometheus' label, the embedded
+    # source's too); a single router needs none (local mode).
+    router = scrape.parse(
+        "# TYPE tandem_router_slo_requests gauge\n"
+        'tandem_router_slo_requests{instance="a",pool="p"} 30\n'
+        'tandem_router_slo_requests{instance="b",pool="p"} 10\n'
+        "# TYPE tandem_router_slo_attainment gauge\n"
+        'tandem_router_slo_attainment{instance="a",objective="ttft",pool="p"} 0.9\n'
+        'tandem_router_slo_attainment{instance="a",objective="both",pool="p"} 0.8\n'
+        'tandem_router_slo_attainment{instance="b",objective="ttft",pool="p"} 0.5\n'
+        'tandem_router_slo_attainment{instance="b",objective="both",pool="p"} 0.2\n'
+    )
+    views = [scrape.WorkerView(-100.0, new, old) for old, new in WORKERS]
+    scraped = scrape.snapshot(
+        "decode", views, now=60.0, warmup=WARMUP, percentile=PERCENTILE, router=router
+    )
+    # What the PromQL of each key evaluates to over these samples, by hand.
+    answers = {"attainment_requests": 40.0, "attainment_ttft": (27 + 5) / 40,
+               "attainment_both": (24 + 2) / 40, "targets": 2.0}  # fmt: skip
+    keys = {
+        promql: key
+        for key, promql in prometheus.queries(
+            'pool="p",role="decode"', "decode", PERCENTILE, WINDOW, WARMUP, 'pool="p"'
+        ).items()
+    }
+
+    def query(promql: str) -> list[dict[str, Any]]:
+        value = answers.get(keys[promql])
+        return [] if value is None else [{"metric": {}, "value": [0, str(value)]}]
+
+    source = prometheus.Source(prometheus.SourceSettings(), query=query)
+    spec = planner.PlannerSpec(ttft=0.5, tpot=0.05, percentile=PERCENTILE)
+    snap = asyncio.run(source.read(spec, "p", "decode", window=WINDOW, warmup=WARMUP)).snapshot
+    assert snap is not None
+    got = (snap.attainment_requests, snap.attainment_ttft, snap.attainment_tpot,
+           snap.attainment_both)  # fmt: skip
+    assert got == (
+        scraped.attainment_requests,
+        pytest.approx(scraped.attainment_ttft),
+        None,
+        pytest.approx(scraped.attainment_both),
+    )
+    assert got[0] == 40
+    assert scrape.snapshot("prefill", views, now=60.0, warmup=WARMUP, percentile=PERCENTILE,
+                           router=router).attainment_requests is None  # fmt: skip

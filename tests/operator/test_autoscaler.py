@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +46,8 @@ class FakeSource:
             "decode": CALM_D,
         }
         self.calls: list[dict[str, Any]] = []
+        self.slo = signals.PoolAttainment()
+        """What the pool's routers report (on the decode reading)."""
 
     async def read_pool(
         self,
@@ -57,7 +60,14 @@ class FakeSource:
         namespace: str | None = None,
     ) -> dict[planner.Role, signals.Reading]:
         self.calls.append({"pool": pool, "roles": roles, "window": window, "namespace": namespace})
-        return {r: _reading(r, self.metrics[r]) for r in roles}
+        out = {r: _reading(r, self.metrics[r]) for r in roles}
+        decode = out["decode"].snapshot
+        if decode is not None:
+            out["decode"] = signals.Reading("decode", dataclasses.replace(
+                decode, attainment_requests=self.slo.requests, attainment_ttft=self.slo.ttft,
+                attainment_tpot=self.slo.tpot, attainment_both=self.slo.both,
+            ))  # fmt: skip
+        return out
 
 
 def _reading(
@@ -320,6 +330,95 @@ def test_the_metrics_reason_is_carried_not_parsed(cause: planner.Cause) -> None:
     assert available["message"] == (
         "decode: Prometheus unreachable, or not exposed?; holding the current replicas"
     )
+
+
+SLO = {"ttft": "500ms", "tpot": "50ms", "percentile": 90}
+
+
+async def test_the_status_says_how_many_requests_met_the_slo(
+    fake_kube: FakeKube, source: FakeSource, clock: Clock, scaler: autoscaler.Autoscaler
+) -> None:
+    setup(fake_kube, slo=SLO)
+    source.slo = signals.PoolAttainment(1204, ttft=0.97, tpot=0.95123, both=0.9312)
+    await ticks(scaler, fake_kube, clock, 0)
+    status = stored(fake_kube, "inferencepools", "tiny")["status"]
+    assert status["slo"] == {
+        "attainment": {"ttft": 0.97, "tpot": 0.9512, "both": 0.9312},
+        "requests": 1204,
+        "window": "5m",
+        "summary": "93.1%",
+    }
+    attained = condition(status, "SLOAttained")
+    assert (attained["status"], attained["reason"]) == ("True", "AtObjective")
+    assert attained["message"] == (
+        "93.1% of the last 5m's 1,204 requests met both objectives (TTFT ≤ 500ms, "
+        "TPOT ≤ 50ms), at the p90 objective"
+    )
+    assert attained["lastTransitionTime"] == "2025-01-01T00:00:00Z"
+    assert ("tandem-autoscaler", "InferencePool", "tiny") in fake_kube.writes
+
+    source.slo = signals.PoolAttainment(1204, ttft=0.95, tpot=0.95, both=0.8999)
+    await ticks(scaler, fake_kube, clock, 0)
+    status = stored(fake_kube, "inferencepools", "tiny")["status"]
+    below = condition(status, "SLOAttained")
+    assert (below["status"], below["reason"]) == ("False", "BelowObjective")
+    assert below["message"] == (
+        "89.9% of the last 5m's 1,204 requests met both objectives (TTFT ≤ 500ms, "
+        "TPOT ≤ 50ms), under the p90 objective"
+    )
+    assert below["lastTransitionTime"] == "2025-01-01T00:00:05Z"
+    assert status["slo"]["summary"] == "89.9%"  # rounded down: never 90.0% below p90
+
+
+async def test_no_traffic_and_no_router_leave_the_slo_unknown(
+    fake_kube: FakeKube, source: FakeSource, clock: Clock, scaler: autoscaler.Autoscaler
+) -> None:
+    setup(fake_kube, slo={**SLO, "attainmentWindow": "120s"})
+    source.slo = signals.PoolAttainment(0)
+    await ticks(scaler, fake_kube, clock, 5)
+    status = stored(fake_kube, "inferencepools", "tiny")["status"]
+    assert status["slo"] == {"requests": 0, "window": "2m"}
+    idle = condition(status, "SLOAttained")
+    assert (idle["status"], idle["reason"]) == ("Unknown", "NoTraffic")
+    assert idle["message"] == "no request finished in the last 2m"
+    assert idle["lastTransitionTime"] == "2025-01-01T00:00:00Z"  # held while Unknown
+    source.slo = signals.PoolAttainment()  # no router reports it
+    await ticks(scaler, fake_kube, clock, 0)
+    status = stored(fake_kube, "inferencepools", "tiny")["status"]
+    unmeasured = condition(status, "SLOAttained")
+    assert (unmeasured["status"], unmeasured["reason"]) == ("Unknown", "NotMeasured")
+    source.metrics["decode"] = DOWN  # nor when the decode signals are unavailable
+    await ticks(scaler, fake_kube, clock, 0)
+    status = stored(fake_kube, "inferencepools", "tiny")["status"]
+    assert condition(status, "SLOAttained")["reason"] == "NotMeasured"
+
+
+def test_the_slo_status_is_carried_as_read() -> None:
+    readings = {"decode": signals.Reading("decode", signals.Snapshot(
+        targets=1, warm=1, attainment_requests=10, attainment_ttft=1.0, attainment_both=1.0,
+    ))}  # fmt: skip
+    objective = validation.parse_pool(pool_body(slo=SLO)).spec.slo
+    slo, attained = autoscaler.slo_status(readings, objective, 2, {}, "2025-01-01T00:00:00Z")
+    assert slo == autoscaler.api.SloStatus(
+        attainment=autoscaler.api.SloAttainment(ttft=1.0, both=1.0),
+        requests=10,
+        window="5m",
+        summary="100.0%",
+    )
+    assert (attained.status, attained.observed_generation) == ("True", 2)
+    # No router reports: no status.slo is sent, so server-side apply removes the old one.
+    unread = {"decode": signals.Reading("decode", signals.Snapshot(targets=1, warm=1))}
+    slo, attained = autoscaler.slo_status(unread, objective, 2, {}, "2025-01-01T00:00:00Z")
+    assert (slo, attained.status, attained.reason) == (None, "Unknown", "NotMeasured")
+    plan = planner.decide(
+        planner.PlannerSpec(),
+        planner.Inputs(decode=unread["decode"].inputs(1, 1)),
+        planner.PlannerState(),
+        0.0,
+    )
+    wanted = autoscaler.status(plan, unread, 2, {"slo": {"requests": 0}}, "t", objective)
+    assert "slo" not in wanted
+    assert condition(wanted, "SLOAttained")["reason"] == "NotMeasured"
 
 
 class Stopped:

@@ -422,8 +422,8 @@ async def test_metrics_md_lists_every_metric() -> None:
             r"`(tandem_router_\w+)`", (Path(router_app.__file__).parent / "METRICS.md").read_text()
         )
     )
-    async with _router(Workers()) as (client, _):
-        await client.post("/v1/completions", json={"prompt": "hi"})
+    async with _router(Workers(), slo={"ttft": 1.0, "tpot": 0.1}) as (client, _):
+        await client.post("/v1/completions", json={"prompt": "hi", "stream": True})
         text = (await client.get("/metrics")).text
     exposed = {
         family.name + ("_total" if family.type == "counter" else "")

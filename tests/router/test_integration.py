@@ -108,6 +108,27 @@ async def test_disaggregated_stream_and_json_over_two_hops() -> None:
         assert _sample(router_metrics, "tandem_router_ttft_seconds_count") == 1
 
 
+async def test_slo_attainment_of_streams_through_the_emulator() -> None:
+    # No real TTFT is under a microsecond, and every TPOT is under a minute.
+    slo = {"ttft": 1e-6, "tpot": 60.0, "percentile": 99, "window": 60}
+    async with (
+        _emulator("prefill") as p,
+        _emulator("decode") as d,
+        _router([p], [d], slo=slo) as router,
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        body = {"model": MODEL, "prompt": "hello " * 20, "max_tokens": 4, "stream": True}
+        for _ in range(3):
+            async with client.stream("POST", f"{router}/v1/completions", json=body) as response:
+                assert (await _events(response))[-1] == "data: [DONE]"
+        text = (await client.get(f"{router}/metrics")).text
+    assert _sample(text, "tandem_router_slo_requests", pool=MODEL) == 3
+    assert _sample(text, "tandem_router_slo_attainment", objective="ttft") == 0.0
+    assert _sample(text, "tandem_router_slo_attainment", objective="tpot") == 1.0
+    assert _sample(text, "tandem_router_slo_attainment", objective="both") == 0.0
+    assert _sample(text, "tandem_router_slo_target") == 0.99
+
+
 async def test_dead_workers_are_retried_then_prefill_falls_back() -> None:
     dead_p, dead_d = _dead_url(), _dead_url()
     async with (
