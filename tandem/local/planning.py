@@ -16,7 +16,8 @@ from tandem.operator import api
 
 Engine = Literal["vllm", "emulator"]
 
-TINY_MODEL_PREFIX = "tandem/tiny"
+TINY_MODEL_PREFIX = api.TINY_MODEL_PREFIX
+"""A model name with this prefix is built here (the API's rule: one spelling)."""
 
 
 class LocalModeError(Exception):
