@@ -125,7 +125,12 @@ def test_defaults_fill_an_almost_empty_pool(crd_installed: Path) -> None:
     spec = yaml.safe_load(result.stdout)["spec"]
     assert spec["prefill"]["replicas"] == {"min": 1, "max": 1}
     assert spec["mode"] == "disaggregated"
-    assert spec["slo"] == {"ttft": "1s", "tpot": "100ms", "percentile": 90}
+    assert spec["slo"] == {
+        "ttft": "1s",
+        "tpot": "100ms",
+        "percentile": 90,
+        "attainmentWindow": "5m",
+    }
     assert validation.parse_pool({**doc, "spec": spec}).spec == validation.parse_pool(doc).spec
 
 
