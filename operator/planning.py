@@ -332,7 +332,14 @@ def worker_deployment(pool: api.InferencePool, role: WorkerRole) -> K8sObject:
         "volumeMounts": mounts,
         # Model loading can take many minutes: the startup probe allows 30.
         "startupProbe": {**health, "periodSeconds": 5, "failureThreshold": 360},
-        "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
+        # A CPU engine busy with a long step can take seconds to answer /health: a 1 s
+        # timeout took the only decode worker (and so the router) out of its Service.
+        "readinessProbe": {
+            **health,
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
         "livenessProbe": {
             **health,
             "periodSeconds": 10,
@@ -417,8 +424,10 @@ def router_objects(pool: api.InferencePool, settings: PlanSettings) -> list[K8sO
                     "--port", str(ROUTER_PORT)],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         "resources": resources,
-        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
-        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5,
+                           "timeoutSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
+                          "timeoutSeconds": 5},
         "volumeMounts": [{"name": "config", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": _CONTAINER_SECURITY,

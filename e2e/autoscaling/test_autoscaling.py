@@ -90,6 +90,7 @@ def operator(
     if kubectl.find("namespace", NAMESPACE) is None:
         kubectl.run("create", "namespace", NAMESPACE)
     helm.run("upgrade", "--install", "tandem", str(CHART), "--namespace", NAMESPACE, *VALUES,
+             "--set", "autoscaling.metricsSource=prometheus",
              "--set", f"autoscaling.prometheusUrl={prometheus.url}",
              "--set", "autoscaling.prometheusTimeout=2")  # fmt: skip
     manifest = helm.run("get", "manifest", "tandem", "--namespace", NAMESPACE).stdout

@@ -410,14 +410,20 @@ def test_streamed_chat_crosses_pods_over_nixl(pool: Pool, say: Say) -> None:
 
 
 def _children(kubeconfig: Path, namespace: str) -> dict[str, tuple[str, str]]:
-    """Every child object of the pool: (resourceVersion, generation) by kind/name."""
+    """Every child object of the pool, as far as a writer of it shows: its generation and
+    labels and annotations where it has a generation (a Deployment's status moves with its
+    pods' readiness, which no operator writes), else its resourceVersion."""
     kinds = "deployments,services,configmaps,serviceaccounts,roles,rolebindings"
     items = _json(kubeconfig, "get", kinds, "-n", namespace, "-l", f"tandem.dev/pool={POOL}")
     found = {}
     for obj in items["items"]:
         meta = obj["metadata"]
         key = f"{obj['kind']}/{meta['name']}"
-        found[key] = (meta["resourceVersion"], str(meta.get("generation", "")))
+        if "generation" in meta:
+            marks = json.dumps([meta.get("labels"), meta.get("annotations")], sort_keys=True)
+            found[key] = (str(meta["generation"]), marks)
+        else:
+            found[key] = (meta["resourceVersion"], "")
     return found
 
 

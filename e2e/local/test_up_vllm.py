@@ -30,8 +30,9 @@ def test_tandem_up_streams_a_real_disaggregated_request(
     # Progress: one line per phase change per worker (stdout is no terminal here).
     for name in ("prefill-0", "decode-0"):
         phases = [x.split()[3] for x in lines if x.lstrip().startswith(f"{name} ") and " pid " in x]
+        # A phase shorter than the 0.5 s between looks may be skipped, never reordered.
         assert phases[0] == "importing", lines
-        assert "loading" in phases, lines
+        assert len(set(phases)) >= 3, lines
         assert phases[-1] == "ready", lines
         assert any(x.lstrip().startswith(f"{name} started in ") for x in lines), lines
     assert not any("\x1b" in x for x in lines)
