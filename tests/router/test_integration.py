@@ -11,9 +11,8 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -23,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tandem.router import server as router_server
 from tandem.router import settings
 from tandem.workers.emulator import server as emulator
+
+from . import processes
 
 MODEL = "tiny"
 
@@ -203,32 +204,10 @@ async def test_full_queue_is_429_and_a_disconnect_aborts_upstream() -> None:
 
 
 @pytest.fixture
-def decode_process() -> Any:
+def decode_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A decode emulator in its own process, so a test can kill it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tandem.workers.emulator", "--role", "decode", "--port", str(port),
-         "--served-model-name", MODEL, "--log-level", "warning"],
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, "the emulator exited"
-            assert time.monotonic() < deadline, "the emulator did not start"
-            time.sleep(0.05)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(5)
+    with processes.decode_emulator(MODEL) as running:
+        yield running
 
 
 async def test_decode_killed_mid_stream_ends_with_an_error_event(decode_process: Any) -> None:

@@ -14,10 +14,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +27,8 @@ from tandem.router import migration, payloads, settings, tokens
 from tandem.router import server as router_server
 from tandem.workers.emulator import engine
 from tandem.workers.emulator import server as emulator
+
+from . import processes
 
 P1 = "http://p1:8000"
 D1, D2, D3 = "http://d1:8000", "http://d2:8000", "http://d3:8000"
@@ -411,31 +410,9 @@ def test_chunks_without_token_ids_cannot_move() -> None:
 
 @pytest.fixture
 def decode_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A decode emulator in its own process, so the test can kill it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tandem.workers.emulator", "--role", "decode", "--port", str(port),
-         "--served-model-name", MODEL, "--log-level", "warning"],
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, "the emulator exited"
-            assert time.monotonic() < deadline, "the emulator did not start"
-            time.sleep(0.05)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(5)
+    """A decode emulator in its own process, so a test can kill it."""
+    with processes.decode_emulator(MODEL) as running:
+        yield running
 
 
 async def test_a_killed_decode_process_mid_stream_is_continued_elsewhere(
