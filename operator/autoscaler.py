@@ -205,6 +205,10 @@ class SignalSource(Protocol):
         namespace: str | None = None,
     ) -> dict[planner.Role, signals.Reading]: ...
 
+    def forget(self, namespace: str | None, pool: str) -> None:
+        """Drop what is kept of a deleted pool."""
+        ...
+
 
 # ---------------------------------------------------------------------------
 # Pure: state and status
@@ -545,6 +549,8 @@ class Autoscaler:
 
     def forget(self, namespace: str, name: str) -> None:
         self._states.pop((namespace, name), None)
+        if self._source is not None:
+            self._source.forget(namespace, name)
 
     async def tick(self, body: Mapping[str, Any]) -> Tick:
         """One tick for one pool (see the module docstring)."""

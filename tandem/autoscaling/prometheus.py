@@ -271,6 +271,12 @@ class Source:
         )
         return signals.Reading(role, snapshot)
 
+    def forget(self, namespace: str | None, pool: str) -> None:
+        """Nothing is kept per pool but the last error logged."""
+        key = pool if namespace is None else f"{namespace}/{pool}"
+        for role in [r for k, r in self._failing if k == key]:
+            self._failing.pop((key, role), None)
+
     async def read_pool(
         self,
         spec: planner.PlannerSpec,

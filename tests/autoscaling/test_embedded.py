@@ -164,3 +164,14 @@ def test_the_operator_finds_the_pods_in_the_services_endpointslices() -> None:
     assert urls == ["http://198.18.0.5:8000", "http://198.18.0.7:8000"]
     assert slices.asked == [("team", "kubernetes.io/service-name=p-decode")]
     assert asyncio.run(endpoints("team", "p", "router"))[0] == "http://198.18.0.5:8080"
+
+
+def test_a_deleted_pool_is_forgotten_by_the_autoscaler_and_its_source() -> None:
+    a = "http://198.18.0.5:8000"
+    pods = Pods({"decode": [a]}, {a: decode_page(0, 0.1, 1)})
+    source = embedded.Source(pods.endpoints, clock=Clock(), transport=pods.transport())
+    asyncio.run(source.read_pool(SPEC, "p", ("decode",), window=60, warmup=0, namespace="ns"))
+    assert "ns/p" in source._pools
+    scaler = autoscaler.Autoscaler(None, source)  # type: ignore[arg-type]
+    scaler.forget("ns", "p")
+    assert "ns/p" not in source._pools

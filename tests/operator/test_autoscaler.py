@@ -41,6 +41,7 @@ class FakeSource:
     """Readings set by the test, per role."""
 
     def __init__(self) -> None:
+        self.forgotten: list[tuple[str | None, str]] = []
         self.metrics: dict[str, planner.RoleMetrics | planner.MetricsUnavailable] = {
             "prefill": CALM_P,
             "decode": CALM_D,
@@ -48,6 +49,9 @@ class FakeSource:
         self.calls: list[dict[str, Any]] = []
         self.slo = signals.PoolAttainment()
         """What the pool's routers report (on the decode reading)."""
+
+    def forget(self, namespace: str | None, pool: str) -> None:
+        self.forgotten.append((namespace, pool))
 
     async def read_pool(
         self,
