@@ -144,6 +144,8 @@ def register(
     async def forget(namespace: str | None, name: str | None, **_: Any) -> None:
         # No finalizer (optional): the children go by garbage collection.
         ctl.forget(namespace or "default", name or "")
+        if scaler is not None:
+            scaler.forget(namespace or "default", name or "")
 
     @kopf.index(group, version, plural, id="pools", registry=registry)
     async def pools(
